@@ -1,0 +1,260 @@
+"""Property tests of `safe_dual.dual`: derivatives, convexity, KKT, invariances, the preference form, and strong
+duality against an exact primal solve over the probability simplex that never uses the dual."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from safe_dual.dual import (InfeasibleConstraintError, dual_objective, policy_metrics, solve_dual,
+                            solve_dual_preference, threshold_path, tilted_weights)
+
+pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')  # ESS warnings are expected on tiny random problems
+settings.register_profile('dual', max_examples=40, deadline=None, derandomize=True)
+settings.load_profile('dual')
+
+
+@st.composite
+def problems(draw, max_m=3, weighted=None):
+    "A random problem: rewards (M, N), safety (M, N, m), beta, optional reference weights, lam >= 0."
+    M, N, m = draw(st.integers(1, 4)), draw(st.integers(2, 6)), draw(st.integers(1, max_m))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([0.3, 1.0, 3.0]))
+    rewards, safety = scale * rng.normal(size=(M, N)), rng.normal(size=(M, N, m))
+    beta = draw(st.sampled_from([0.2, 0.5, 1.0, 3.0]))
+    use_weights = draw(st.booleans()) if weighted is None else weighted
+    weights = rng.dirichlet(np.ones(N), size=M) if use_weights else None
+    lam = rng.uniform(0, 2, size=m)
+    return rewards, safety, beta, weights, lam, rng
+
+
+def feasible_thresholds(rewards, safety, beta, weights, rng, slack):
+    "Thresholds reached strictly by some tilted policy: E_{pi_lam}[g] - slack at a random lam."
+    lam = rng.uniform(0, 3, size=safety.shape[2])
+    return policy_metrics(rewards, safety, lam, beta, weights)['safety'] - slack
+
+
+@given(problems())
+def test_gradient_and_hessian_match_finite_differences(p):
+    rewards, safety, beta, weights, lam, rng = p
+    b, eps = rng.normal(size=safety.shape[2]), 1e-5
+    lam = lam + 2 * eps  # central differences stay in lam >= 0
+    value, grad, hess = dual_objective(rewards, safety, b, lam, beta, weights)
+    for j, e in enumerate(np.eye(len(lam))):
+        up = dual_objective(rewards, safety, b, lam + eps * e, beta, weights)
+        down = dual_objective(rewards, safety, b, lam - eps * e, beta, weights)
+        np.testing.assert_allclose((up[0] - down[0]) / (2 * eps), grad[j], atol=1e-6 * (1 + abs(value)))
+        np.testing.assert_allclose((up[1] - down[1]) / (2 * eps), hess[:, j], atol=1e-6 * (1 + np.abs(grad).max()))
+    np.testing.assert_allclose(hess, hess.T, atol=1e-15)
+
+
+@given(problems(), st.floats(0.05, 0.95))
+def test_convex_along_random_lines(p, t):
+    rewards, safety, beta, weights, lam, rng = p
+    b = rng.normal(size=safety.shape[2])
+    other = rng.uniform(0, 2, size=len(lam))
+    D = lambda x: dual_objective(rewards, safety, b, x, beta, weights)[0]
+    assert D(t * lam + (1 - t) * other) <= t * D(lam) + (1 - t) * D(other) + 1e-12 * (1 + abs(D(lam)))
+    d = other - lam
+    assert d @ dual_objective(rewards, safety, b, lam, beta, weights)[2] @ d >= -1e-12
+
+
+@given(problems(), st.sampled_from([0.0, 0.05, 0.3]))
+def test_kkt_conditions_at_the_solution(p, slack):
+    rewards, safety, beta, weights, _, rng = p
+    b = feasible_thresholds(rewards, safety, beta, weights, rng, slack + 1e-3)
+    res = solve_dual(rewards, safety, b, beta, weights)
+    grad = res.expected_safety - b
+    assert res.converged and res.grad_norm <= 1e-9 * np.abs(safety).max()
+    assert (res.lam >= 0).all() and (grad >= -1e-8).all()
+    np.testing.assert_allclose(res.lam * grad, 0, atol=1e-8 * (1 + res.lam.max()))
+    np.testing.assert_allclose(dual_objective(rewards, safety, b, res.lam, beta, weights)[1], grad, atol=1e-12)
+
+
+@given(problems())
+def test_lam_invariant_to_per_prompt_constants_in_rewards(p):
+    rewards, safety, beta, weights, _, rng = p
+    b = feasible_thresholds(rewards, safety, beta, weights, rng, 0.02)
+    shift = rng.normal(scale=50, size=(len(rewards), 1))
+    res, shifted = solve_dual(rewards, safety, b, beta, weights), solve_dual(rewards + shift, safety, b, beta, weights)
+    np.testing.assert_allclose(shifted.lam, res.lam, rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(shifted.value - shift.mean(), res.value, rtol=1e-10, atol=1e-9)
+
+
+@given(problems(), st.sampled_from([1e-3, 1e3, 1e5]))
+def test_scale_invariance_and_stability_for_huge_r_over_beta(p, c):
+    "lam*(c r, c g, c b, c beta) = lam*(r, g, b, beta); with c = 1e5 the exponents r/beta stay the same, values grow."
+    rewards, safety, beta, weights, _, rng = p
+    b = feasible_thresholds(rewards, safety, beta, weights, rng, 0.02)
+    res, scaled = solve_dual(rewards, safety, b, beta, weights), solve_dual(c * rewards, c * safety, c * b, c * beta, weights)
+    np.testing.assert_allclose(scaled.lam, res.lam, rtol=1e-6, atol=1e-7)
+
+
+@given(problems(max_m=1, weighted=False), st.sampled_from([1e3, 1e5]))
+def test_stable_when_rewards_dwarf_beta(p, c):
+    "r/beta up to ~1e6 (exp overflows beyond ~709): metrics match a max-shifted softmax computed by hand."
+    rewards, safety, beta, _, lam, _ = p
+    res = solve_dual(c * rewards, safety, -10.0, beta)
+    z = c * rewards / beta
+    q = np.exp(z - z.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    assert res.lam[0] == 0 and np.isfinite([res.value, res.kl]).all()
+    np.testing.assert_allclose(res.expected_reward, (q * c * rewards).sum(1).mean(), rtol=1e-12)
+    np.testing.assert_allclose(res.kl, (q * np.log(np.where(q > 0, q * rewards.shape[1], 1.0))).sum(1).mean(), atol=1e-9 * c)
+
+
+@given(problems(weighted=True), st.floats(0.1, 2.0), st.floats(0.1, 2.0))
+def test_preference_form_equals_model_based_form(p, beta_r, beta_g):
+    rewards, safety, beta, ref_probs, _, rng = p
+    m = safety.shape[2]
+    log_softmax = lambda z: z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True)
+    ref_logps = np.log(ref_probs)
+    helpful_logps = log_softmax(ref_logps + rewards / beta_r)
+    safety_logps = np.stack([log_softmax(ref_logps + safety[..., j] / beta_g) for j in range(m)], -1)
+    b = feasible_thresholds(rewards, safety, beta, ref_probs, rng, 0.02)
+    ref_safety = (ref_probs[..., None] * safety).sum(1).mean(0)
+    by_hand = solve_dual(rewards, safety, b, beta, weights=ref_probs)
+    pref = solve_dual_preference(ref_logps, helpful_logps, safety_logps, b - ref_safety, beta, beta_r, beta_g,
+                                 weights=ref_probs)
+    np.testing.assert_allclose(pref.lam, by_hand.lam, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(pref.expected_safety, by_hand.expected_safety - ref_safety, atol=1e-8)
+
+
+# --- strong duality against an exact primal solve that does not use the dual --------------------------------------
+
+def _golden_max(f, lo, hi, iters=90):
+    "Maximum of a concave function on [lo, hi] by golden-section search."
+    ratio = (np.sqrt(5) - 1) / 2
+    a, b = lo + (1 - ratio) * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = f(a), f(b)
+    for _ in range(iters):
+        if fa < fb: lo, a, fa = a, b, fb; b = lo + ratio * (hi - lo); fb = f(b)
+        else: hi, b, fb = b, a, fa; a = lo + (1 - ratio) * (hi - lo); fa = f(a)
+    return max(fa, fb, f(lo), f(hi))
+
+
+def primal_brute_force(rewards, safety, b, beta, weights, policy):
+    """max over policies pi(u, v) = policy(u, v) (affine, two free parameters) of E_x[E_pi r - beta KL(pi||w)]
+    subject to pi >= 0 and E_x E_pi[g] >= b: a concave maximization over a polygon, solved by nested golden-section
+    searches (the max over v of a jointly concave function is concave in u)."""
+    c0 = policy(0.0, 0.0).ravel()
+    cu, cv = policy(1.0, 0.0).ravel() - c0, policy(0.0, 1.0).ravel() - c0
+    M = len(rewards)
+    gsum = safety.reshape(-1, safety.shape[-1]) / M
+    # every constraint as a0 + au u + av v >= 0
+    A = np.concatenate([np.stack([c0, cu, cv], 1), np.stack([c0 @ gsum - b, cu @ gsum, cv @ gsum], 1)])
+
+    def objective(u, v):
+        pi = policy(u, v).clip(0, None)
+        kl = (pi * np.log(np.where(pi > 0, pi / weights, 1.0))).sum(1)
+        return ((pi * rewards).sum(1) - beta * kl).mean()
+
+    def v_range(u):
+        lo, hi = -np.inf, np.inf
+        for a0, au, av in A:
+            rhs = a0 + au * u
+            if abs(av) < 1e-15:
+                if rhs < -1e-12: return None
+            elif av > 0: lo = max(lo, -rhs / av)
+            else: hi = min(hi, -rhs / av)
+        return (lo, hi) if lo <= hi else None
+
+    vertices = []  # u of the polygon's corners: intersections of two constraint lines that satisfy all constraints
+    for first, second in itertools.combinations(A, 2):
+        lines = np.array([first[1:], second[1:]])
+        if abs(np.linalg.det(lines)) < 1e-14: continue
+        u, v = np.linalg.solve(lines, -np.array([first[0], second[0]]))
+        if (A[:, 0] + A[:, 1] * u + A[:, 2] * v >= -1e-10).all(): vertices.append(u)
+    u_lo, u_hi = min(vertices), max(vertices)
+
+    def best_given_u(u):
+        rng_v = v_range(u)
+        return -np.inf if rng_v is None else _golden_max(lambda v: objective(u, v), *rng_v)
+    return _golden_max(best_given_u, u_lo, u_hi)
+
+
+def _one_prompt_three_responses(u, v): return np.array([[u, v, 1 - u - v]])
+def _two_prompts_two_responses(u, v): return np.array([[u, 1 - u], [v, 1 - v]])
+
+
+@settings(max_examples=12)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(_one_prompt_three_responses, 1, 3), (_two_prompts_two_responses, 2, 2)]),
+       st.integers(1, 2), st.sampled_from([0.3, 1.0]), st.sampled_from([0.02, 0.3]))
+def test_strong_duality_against_exact_primal_on_the_simplex(seed, shape, m, beta, slack):
+    policy, M, N = shape
+    rng = np.random.default_rng(seed)
+    rewards, safety = rng.normal(size=(M, N)), rng.normal(size=(M, N, m))
+    weights = rng.dirichlet(np.ones(N), size=M)
+    b = feasible_thresholds(rewards, safety, beta, weights, rng, slack)
+    res = solve_dual(rewards, safety, b, beta, weights, return_weights=True)
+    primal = primal_brute_force(rewards, safety, b, beta, weights, policy)
+    np.testing.assert_allclose(primal, res.value, atol=1e-8)
+    assert (res.expected_safety >= b - 1e-9).all()
+    np.testing.assert_allclose(res.expected_reward - beta * res.kl, primal, atol=1e-8)
+
+
+# --- agreement, inputs, errors ---------------------------------------------------------------------------------------
+
+@settings(max_examples=15)
+@given(problems(max_m=1))
+def test_pgd_agrees_with_newton(p):
+    rewards, safety, beta, weights, _, rng = p
+    b = feasible_thresholds(rewards, safety, beta, weights, rng, 0.05)
+    newton, pgd = solve_dual(rewards, safety, b, beta, weights), solve_dual(rewards, safety, b, beta, weights, method='pgd')
+    if pgd.converged: np.testing.assert_allclose(pgd.lam, newton.lam, atol=1e-3 * (1 + newton.lam[0]))
+
+
+@given(problems())
+def test_mask_equals_dropping_responses_and_torch_equals_numpy(p):
+    rewards, safety, beta, weights, lam, rng = p
+    M, N = rewards.shape
+    mask = rng.random((M, N)) < 0.7
+    mask[:, 0] = True
+    padded_r, padded_g = np.where(mask, rewards, np.nan), np.where(mask[..., None], safety, np.inf)
+    q = tilted_weights(padded_r, padded_g, lam, beta, weights, mask)
+    for i in range(M):
+        w_i = None if weights is None else weights[i:i + 1, mask[i]]
+        np.testing.assert_allclose(q[i, mask[i]], tilted_weights(rewards[i:i + 1, mask[i]], safety[i:i + 1, mask[i]], lam, beta, w_i)[0], atol=1e-12)
+    as_torch = lambda x: None if x is None else torch.tensor(x)
+    np.testing.assert_allclose(tilted_weights(as_torch(rewards), as_torch(safety), as_torch(lam), beta, as_torch(weights)),
+                               tilted_weights(rewards, safety, lam, beta, weights), atol=1e-15)
+
+
+def test_threshold_path_matches_cold_solves():
+    rng = np.random.default_rng(1)
+    z1, z2 = rng.normal(size=(50, 12)), rng.normal(size=(50, 12))
+    rewards, safety = z1, -0.5 * z1 + 0.9 * z2
+    grid = np.linspace(-1.0, 1.2, 8)
+    for b, res in zip(grid, threshold_path(rewards, safety, grid, 0.5)):
+        np.testing.assert_allclose(res.lam, solve_dual(rewards, safety, b, 0.5).lam, atol=1e-9)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(rewards=np.ones((2, 3)), safety=np.ones((2, 4))), '`safety` must have shape'),
+    (dict(beta=-1.0), '`beta` must be a positive'),
+    (dict(rewards=np.ones((0, 3)), safety=np.ones((0, 3))), 'is empty'),
+    (dict(rewards=np.array([[0.0, np.nan, 1.0]] * 2)), 'NaN or inf'),
+    (dict(safety=np.array([[0.0, np.inf, 1.0]] * 2)), 'NaN or inf'),
+    (dict(weights=np.array([[1.0, -1.0, 1.0]] * 2)), '`weights` must be finite and >= 0'),
+    (dict(mask=np.array([[True, True, True], [False, False, False]])), 'prompts [1] have no unmasked response'),
+    (dict(weights=np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])), 'prompts [1] have no unmasked response'),
+    (dict(mask=np.ones((3, 2), bool)), '`mask` must have shape'),
+    (dict(thresholds=[0.0, 0.0]), '`thresholds` must be a number or have shape (1,)'),
+    (dict(thresholds=np.nan), '`thresholds` must be finite'),
+])
+def test_errors_name_the_argument(kwargs, message):
+    args = dict(rewards=np.array([[0.0, 1.0, 2.0]] * 2), safety=np.array([[1.0, 0.0, -1.0]] * 2), thresholds=0.0, beta=1.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError) as e: solve_dual(**args)
+    assert message in str(e.value), str(e.value)
+
+
+def test_infeasible_thresholds_state_the_largest_reachable_value():
+    rewards, safety = np.array([[0.0, 1.0, 2.0]] * 2), np.array([[1.0, 0.0, -1.0], [3.0, 0.0, -1.0]])
+    with pytest.raises(InfeasibleConstraintError, match='largest E\\[g_0\\] any policy on these responses attains is 2') as e:
+        solve_dual(rewards, safety, 2.5, 1.0)
+    np.testing.assert_allclose(e.value.reachable, [2.0])
+    both = np.stack([safety, -safety], -1)
+    with pytest.raises(InfeasibleConstraintError, match='not jointly reachable'): solve_dual(rewards, both, [0.5, 0.5], 1.0)
+    assert solve_dual(rewards, both, [0.5, -1.0], 1.0).converged
