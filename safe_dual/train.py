@@ -7,7 +7,7 @@ __all__ = ['LABEL_KINDS', 'LOSS_TYPES', 'SETTINGS_NAME', 'soft_dpo_loss', 'dpo_l
            'preference_targets', 'pseudo_preference_pairs', 'pseudo_preference_lists', 'PseudoPreferenceConfig',
            'PseudoPreferenceTrainer']
 
-# %% ../nbs/04_train.ipynb #4e527f54
+# %% ../nbs/04_train.ipynb #36b5575c
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from .data import _pad, _pair_ids, response_logprobs, sequence_logprobs
 
-# %% ../nbs/04_train.ipynb #3aacaaec
+# %% ../nbs/04_train.ipynb #a4c94cec
 def soft_dpo_loss(
     chosen_logps: torch.Tensor,  # (B,) log pi_theta(chosen | prompt)
     rejected_logps: torch.Tensor,  # (B,) log pi_theta(rejected | prompt)
@@ -36,7 +36,7 @@ def soft_dpo_loss(
     logits = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))
     return -(labels * F.logsigmoid(logits) + (1 - labels) * F.logsigmoid(-logits))
 
-# %% ../nbs/04_train.ipynb #8068416a
+# %% ../nbs/04_train.ipynb #524ee88d
 def dpo_loss(
     chosen_logps: torch.Tensor,  # (B,) log pi_theta(chosen | prompt)
     rejected_logps: torch.Tensor,  # (B,) log pi_theta(rejected | prompt)
@@ -47,7 +47,7 @@ def dpo_loss(
     "Plain DPO loss (Rafailov et al. 2023): chosen is preferred with probability one."
     return -F.logsigmoid(beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)))
 
-# %% ../nbs/04_train.ipynb #741211bf
+# %% ../nbs/04_train.ipynb #9c1ae1a9
 def listwise_loss(
     logps: torch.Tensor,  # (P, N) log pi_theta(y_n | x) of each prompt's sampled responses
     ref_logps: torch.Tensor,  # (P, N) log pi_ref(y_n | x)
@@ -62,7 +62,7 @@ def listwise_loss(
     log_q = torch.log_softmax((logps - ref_logps).masked_fill(~mask, neg_inf), dim=-1)
     return -(targets * log_q).masked_fill(~mask, 0.0).sum(-1)
 
-# %% ../nbs/04_train.ipynb #2b15f571
+# %% ../nbs/04_train.ipynb #02e024e7
 def _column(dataset, name, arg):
     "Column `name` of `dataset` as a float array, with an actionable error when it is missing or not finite."
     if name not in dataset.column_names:
@@ -74,7 +74,7 @@ def _column(dataset, name, arg):
                          "drop or re-score those rows first.")
     return values
 
-# %% ../nbs/04_train.ipynb #034dcf1a
+# %% ../nbs/04_train.ipynb #7745f3f4
 def combined_rewards(
     dataset: Dataset,  # one row per response, with score (or log-prob) columns
     lam,  # (m,) Lagrange multipliers, one per safety column
@@ -99,7 +99,7 @@ def combined_rewards(
         r, g = beta_r * (r - ref), np.asarray(beta_g, dtype=np.float64) * (g - ref[:, None])
     return r + g @ lam
 
-# %% ../nbs/04_train.ipynb #1b6dff54
+# %% ../nbs/04_train.ipynb #1b3e38ed
 LABEL_KINDS = ("soft", "sampled", "hard")
 
 def preference_targets(
@@ -113,7 +113,7 @@ def preference_targets(
     if labels == "hard": return (probs > 0.5).to(probs.dtype) + 0.5 * (probs == 0.5).to(probs.dtype)
     raise ValueError(f"`labels`={labels!r} is not one of {LABEL_KINDS}.")
 
-# %% ../nbs/04_train.ipynb #8dd4c9c9
+# %% ../nbs/04_train.ipynb #3e622d0c
 def _prompt_groups(dataset):
     "Row indices of each prompt's responses (ordered by `sample_id` when present), prompts in `prompt_id` order."
     if "prompt_id" not in dataset.column_names:
@@ -134,7 +134,7 @@ def _pair_indices(n, pairs, rng):
     if pairs == "all" or pairs >= len(every): return every
     return [every[k] for k in sorted(rng.choice(len(every), size=pairs, replace=False))]
 
-# %% ../nbs/04_train.ipynb #97c1bcc9
+# %% ../nbs/04_train.ipynb #9a717b3d
 def pseudo_preference_pairs(
     dataset: Dataset,  # one row per response: prompt_id, prompt, response[, prompt_ids, response_ids], scores
     lam,  # (m,) Lagrange multipliers, e.g. `solve_dual(...).lam`
@@ -174,7 +174,7 @@ def pseudo_preference_pairs(
         out["chosen_ids"], out["rejected_ids"] = list(chosen_rows["response_ids"]), list(rejected_rows["response_ids"])
     return Dataset.from_dict(out)
 
-# %% ../nbs/04_train.ipynb #dc15ff8b
+# %% ../nbs/04_train.ipynb #2a6c4c27
 def pseudo_preference_lists(
     dataset: Dataset,  # one row per response, as for `pseudo_preference_pairs`
     lam,  # (m,) Lagrange multipliers
@@ -197,7 +197,7 @@ def pseudo_preference_lists(
     if "response_ids" in cols: out["response_ids"] = [[cols["response_ids"][int(i)] for i in rows] for rows in groups]
     return Dataset.from_dict(out)
 
-# %% ../nbs/04_train.ipynb #b098b61b
+# %% ../nbs/04_train.ipynb #bc718c6e
 LOSS_TYPES = LABEL_KINDS + ("listwise",)
 
 @dataclass
@@ -234,7 +234,7 @@ class PseudoPreferenceConfig(TrainingArguments):
             raise ValueError("`remove_unused_columns=True` would drop the preference columns the collator needs; "
                              "leave it False.")
 
-# %% ../nbs/04_train.ipynb #61b3f7f0
+# %% ../nbs/04_train.ipynb #561c738d
 def _check_pairs(dataset, name):
     "Validate a pair dataset and add a `label` of 1 when it has none."
     for col in ("prompt", "chosen", "rejected"):
@@ -291,7 +291,7 @@ def _check_tokens(dataset, name, listwise):
                               f"row {same[0]}); they carry no preference signal. Drop them (`pseudo_preference_pairs` "
                               "skips them).")
 
-# %% ../nbs/04_train.ipynb #6080c40f
+# %% ../nbs/04_train.ipynb #d4500d9d
 def _sequences(prompt_ids, response_ids, pad_token_id):
     "Right-padded prompt+response ids, attention mask and response mask for a list of sequences."
     input_ids, attention_mask = _pad([p + r for p, r in zip(prompt_ids, response_ids)], pad_token_id)
@@ -320,7 +320,7 @@ def _collate_lists(examples, pad_token_id):
         batch["ref_logps"] = torch.tensor([s for e in examples for s in e["ref_logps"]], dtype=torch.float64)
     return batch
 
-# %% ../nbs/04_train.ipynb #50cd7c98
+# %% ../nbs/04_train.ipynb #33c98811
 def _prepared(dataset, name, tokenizer, args):
     "Validate a pair or list dataset and tokenize what is still text."
     if not isinstance(dataset, Dataset): raise ValueError(f"`{name}` must be a `datasets.Dataset`, got {type(dataset).__name__}.")
@@ -332,7 +332,7 @@ def _prepared(dataset, name, tokenizer, args):
     _check_tokens(dataset, name, listwise)
     return dataset
 
-# %% ../nbs/04_train.ipynb #d8df8142
+# %% ../nbs/04_train.ipynb #078d285d
 SETTINGS_NAME = "pseudo_preference_config.json"
 _TOTALS = ("loss_sum", "pairs", "agree", "decided", "margin_sum", "kl_sum", "responses")
 
@@ -377,17 +377,24 @@ class PseudoPreferenceTrainer(Trainer):
     def _with_ref_logps(self, dataset):
         "Add reference log-probs as columns, computed once with `sequence_logprobs`."
         if {"ref_logps", "ref_chosen_logps"} & set(dataset.column_names): return dataset
-        logps = partial(sequence_logprobs, self.model, self.processing_class, batch_size=self.args.per_device_eval_batch_size,
-                        progress=False)
+        prompts = [tuple(p) for p in dataset["prompt_ids"]]
+        if self.args.loss_type == "listwise":
+            responses = [[tuple(r) for r in rs] for rs in dataset["response_ids"]]
+            logps = self._ref_logps_of([(p, r) for p, rs in zip(prompts, responses) for r in rs])
+            return dataset.add_column("ref_logps", [[logps[p, r] for r in rs] for p, rs in zip(prompts, responses)])
+        chosen, rejected = ([tuple(r) for r in dataset[f"{side}_ids"]] for side in ("chosen", "rejected"))
+        logps = self._ref_logps_of(list(zip(prompts, chosen)) + list(zip(prompts, rejected)))
+        return dataset.add_column("ref_chosen_logps", [logps[s] for s in zip(prompts, chosen)]) \
+                      .add_column("ref_rejected_logps", [logps[s] for s in zip(prompts, rejected)])
+
+    def _ref_logps_of(self, sequences):
+        "log pi_ref of each distinct (prompt ids, response ids) in `sequences`: a sampled response is in many pairs."
+        unique = list(dict.fromkeys(sequences))
         with self._reference():
-            if self.args.loss_type != "listwise":
-                return dataset.add_column("ref_chosen_logps", logps(dataset, response_col="chosen").tolist()) \
-                              .add_column("ref_rejected_logps", logps(dataset, response_col="rejected").tolist())
-            counts = [len(r) for r in dataset["response_ids"]]
-            flat = logps({"prompt_ids": [p for p, k in zip(dataset["prompt_ids"], counts) for _ in range(k)],
-                          "response_ids": [r for rs in dataset["response_ids"] for r in rs]})
-        starts = np.cumsum([0] + counts)
-        return dataset.add_column("ref_logps", [flat[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])])
+            logps = sequence_logprobs(self.model, self.processing_class, {"prompt_ids": [list(p) for p, _ in unique],
+                                      "response_ids": [list(r) for _, r in unique]},
+                                      batch_size=self.args.per_device_eval_batch_size, progress=False)
+        return dict(zip(unique, logps.tolist()))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         "Mean pseudo-preference loss of the batch's pairs (or prompts); accumulates the logged metrics."
