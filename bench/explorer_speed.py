@@ -2,8 +2,8 @@
 
 A slider change runs the fast path (warm-started `solve_dual` + delta-method intervals + labels); the plots are
 redrawn later, when the sliders rest. The benchmark runs inside an asyncio event loop, as a Jupyter kernel does,
-so the plots are deferred exactly as in a notebook. Moves are a mix of drags (small steps) and jumps (anywhere
-on the slider); each move is timed from `slider.value = b` to the updated labels. The peer is a cold
+so the plots are deferred exactly as in a notebook. Moves are drags (small steps, about 3 in 4), jumps and, one in
+20, a jump past the feasible edge; each is timed from `slider.value = b` to the updated labels. The peer is a cold
 `solve_dual` (no warm start, no intervals) at the same thresholds, interleaved move by move.
 
     python bench/explorer_speed.py [--M 1000] [--N 128] [--moves 200] [--m 1 2]
@@ -26,13 +26,16 @@ async def run(M, N, m, moves, beta=0.5, seed=0):
     ex = ThresholdExplorer(rewards, safety, beta=beta, plot_delay=0.05)
     await asyncio.sleep(0.1)  # let the first deferred plot run
     rng = np.random.default_rng(seed + 1)
-    lo, hi = ex.reference['safety'], ex.reference['reach'] - 0.05 * (ex.reference['reach'] - ex.reference['safety'])
+    # drags and jumps stay between pi_ref's safety and 60% of the way to the edge, where m = 2 is jointly feasible
+    lo, hi = ex.reference['safety'], ex.reference['safety'] + 0.6 * (ex.reference['reach'] - ex.reference['safety'])
     fast, cold, infeasible = [], [], 0
     for i in range(moves):
         k = rng.integers(m)
         s = ex.sliders[k]
-        b = (s.value + rng.normal(0, 0.01 * (hi[k] - lo[k])) if i % 4 else rng.uniform(lo[k], hi[k]))
-        b = float(np.clip(b, s.min, s.max))
+        if i % 20 == 0: b = rng.uniform(ex.reference['reach'][k], s.max)      # a jump past the feasible edge
+        elif i % 4 == 0 or i % 20 == 1: b = rng.uniform(lo[k], hi[k])         # a jump (back inside)
+        else: b = np.clip(s.value + rng.normal(0, 0.01 * (hi[k] - lo[k])), lo[k], hi[k])  # a drag step
+        b = float(b)
         start = time.perf_counter()
         s.value = b                      # the observer runs the fast path synchronously
         fast.append(1000 * (time.perf_counter() - start))
@@ -42,11 +45,13 @@ async def run(M, N, m, moves, beta=0.5, seed=0):
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')
                 want = solve_dual(rewards, safety, ex.thresholds, beta)
-        except ValueError: want = None
+        except ValueError: want = None  # past the edge: the explorer shows a message instead
         cold.append(1000 * (time.perf_counter() - start))
+        assert (want is None) == (ex.result is None)
         if want is not None: assert np.allclose(ex.result.lam, want.lam, rtol=1e-6, atol=1e-8), (ex.result.lam, want.lam)
     # slow path: a redraw with the cached path (threshold moved along it), then a new path (beta moved)
     redraw, sweep = [], []
+    ex.update_plots()  # the path for the current beta and other thresholds is cached from here on
     for i in range(3):
         ex.sliders[0].value = float(lo[0] + (0.2 + 0.2 * i) * (hi[0] - lo[0]))
         start = time.perf_counter(); ex.update_plots(); redraw.append(1000 * (time.perf_counter() - start))
