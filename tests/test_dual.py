@@ -258,3 +258,21 @@ def test_infeasible_thresholds_state_the_largest_reachable_value():
     both = np.stack([safety, -safety], -1)
     with pytest.raises(InfeasibleConstraintError, match='not jointly reachable'): solve_dual(rewards, both, [0.5, 0.5], 1.0)
     assert solve_dual(rewards, both, [0.5, -1.0], 1.0).converged
+
+
+@settings(max_examples=25)
+@given(problems(max_m=1), st.floats(0.05, 0.95), st.sampled_from([-0.5, 0.05, 0.9]))
+def test_joint_infeasibility_is_detected(p, u, s):
+    "g_2 = -g_1: E[g_1] >= b_1 and E[g_2] >= b_2 hold together iff b_1 + b_2 <= 0, although each is reachable alone."
+    rewards, safety, beta, weights, _, _ = p
+    g1 = safety[..., 0]
+    lo, hi = g1.min(1).mean(), g1.max(1).mean()
+    b1 = lo + u * (hi - lo)
+    b = np.array([b1, -b1 + s * min(u, 1 - u) * (hi - lo)])  # b_2 < max E[-g_1] = -lo: reachable alone
+    both = np.stack([g1, -g1], -1)
+    if s > 0:
+        with pytest.raises(InfeasibleConstraintError, match='not jointly reachable'):
+            solve_dual(rewards, both, b, beta, weights)
+    else:
+        res = solve_dual(rewards, both, b, beta, weights)
+        assert res.converged and (res.expected_safety >= b - 1e-8).all()
