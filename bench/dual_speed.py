@@ -85,7 +85,7 @@ def main(beta=0.1, repeats=3):
             (lam_a, ok_a), *theirs[rep, k] = timed(authors_solver, rewards, safety, b, beta)
             if rep == 0:
                 print(f"b={b:+.4f} lam*={refs[k]:.10f} | newton |lam-ref|={abs(results[k].lam[0] - refs[k]):.1e} "
-                      f"exp passes={results[k].evaluations} {ours[rep, k, 0] * 1e3:5.1f} ms | authors |lam-ref|="
+                      f"evaluations={results[k].evaluations} {ours[rep, k, 0] * 1e3:5.1f} ms | authors |lam-ref|="
                       f"{abs(lam_a - refs[k]):.1e} converged={ok_a!s:5} {theirs[rep, k, 0] * 1e3:6.0f} ms")
     exp_cpu, exp_wall = np.median(exp_t, axis=0)
     (ours_cpu, ours_wall), (theirs_cpu, theirs_wall) = np.median(ours.sum(1), 0), np.median(theirs.sum(1), 0)
