@@ -6,35 +6,17 @@ import pytest
 import torch
 from datasets import Dataset
 from hypothesis import given, settings, strategies as st
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from transformers import TrainerCallback
 
-from safe_dual.data import response_logprobs
-from safe_dual.train import (PseudoPreferenceConfig, PseudoPreferenceTrainer, dpo_loss, listwise_loss,
-                             pseudo_preference_pairs, soft_dpo_loss)
+from safe_dual.toy import load_toy_world, toy_preferences
+from safe_dual.train import PseudoPreferenceConfig, PseudoPreferenceTrainer, dpo_loss, listwise_loss, soft_dpo_loss
 
-VOCAB = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(24)]
+torch.set_num_threads(1)  # tiny models: one thread is faster than several, and the cores are shared
 
 
-def tiny_tokenizer():
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def tiny_llama(seed):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        pad_token_id=0, eos_token_id=1, bos_token_id=None))
-
-
-def text_pairs(n, seed=0):
-    "Completions start with a space: TRL tokenizes prompt + completion as one string."
-    rng = np.random.default_rng(seed)
-    words = lambda k: " ".join(f"w{i}" for i in rng.integers(0, 24, k))
-    rows = [(words(rng.integers(2, 5)), " " + words(rng.integers(1, 4)), " " + words(rng.integers(1, 4))) for _ in range(n)]
-    return Dataset.from_dict({k: [r[i] for r in rows if r[1] != r[2]] for i, k in enumerate(("prompt", "chosen", "rejected"))})
+@pytest.fixture(scope="module")
+def world():
+    return load_toy_world()
 
 
 def config(output_dir, **kwargs):
@@ -43,15 +25,20 @@ def config(output_dir, **kwargs):
     return PseudoPreferenceConfig(output_dir=str(output_dir), **(settings | kwargs))
 
 
-def test_trl_parity(tmp_path):
-    "Plain DPO: our loss, log-prob terms and margins equal TRL's DPOTrainer on the same model, reference and batch."
+def test_trl_parity(tmp_path, world):
+    "Plain DPO: our loss, log-prob terms and margins equal TRL's DPOTrainer on the same policy, reference and batch."
     from trl import DPOConfig, DPOTrainer
-    tokenizer, ref, policy, pairs = tiny_tokenizer(), tiny_llama(0), tiny_llama(1), text_pairs(8)
-    trl = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), train_dataset=pairs, processing_class=tokenizer,
+    ref, policy = world.new_model(), world.new_model()
+    with torch.no_grad():
+        for p in policy.parameters(): p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    # TRL tokenizes prompt + completion as one string: completions start with a space
+    pairs = toy_preferences(world, 8).select_columns(["prompt", "chosen", "rejected"])
+    pairs = pairs.map(lambda row: {"chosen": " " + row["chosen"], "rejected": " " + row["rejected"]})
+    trl = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), train_dataset=pairs, processing_class=world.tokenizer,
                      args=DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=8, bf16=False,
                                     report_to="none"))
-    ours = PseudoPreferenceTrainer(copy.deepcopy(ref), tokenizer, pairs, config(tmp_path / "ours", beta=0.3, use_lora=False,
-                                                                                 loss_type="hard"))
+    ours = PseudoPreferenceTrainer(copy.deepcopy(ref), world.tokenizer, pairs, config(tmp_path / "ours", beta=0.3, use_lora=False,
+                                                                                       loss_type="hard"))
     ours.model.load_state_dict(policy.state_dict())  # reference log-probs were precomputed from `ref`
     for col in ("prompt_ids", "chosen_ids", "rejected_ids"):
         assert ours.train_dataset[col] == trl.train_dataset[col]  # same tokenization of the text pairs
@@ -82,16 +69,14 @@ class StopAt(TrainerCallback):
         if state.global_step == self.step: control.should_training_stop = True
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, world):
     "Interrupt at step 3 of 6 and resume from the checkpoint: the final adapter equals an uninterrupted run's."
-    tokenizer = tiny_tokenizer()
-    scored = Dataset.from_dict({"prompt_id": [i // 4 for i in range(32)], "prompt": [f"w{i // 4} w{i // 4 + 3}" for i in range(32)],
-                                "response": [f"w{(5 * i) % 24} w{i % 7}" for i in range(32)],
-                                "reward": np.sin(np.arange(32.0)).tolist(), "safety": np.cos(np.arange(32.0)).tolist()})
-    pairs = pseudo_preference_pairs(scored, [0.7])  # soft labels: "sampled" draws fresh Bernoulli labels every step
+    pairs = toy_preferences(world, 32)
+    # soft labels, and "sampled" draws fresh Bernoulli labels every step: resuming must restore the random state too
+    pairs = pairs.add_column("label", np.random.default_rng(0).uniform(size=len(pairs)).tolist())
 
     def run(output_dir, **kwargs):
-        trainer = PseudoPreferenceTrainer(tiny_llama(0), tokenizer, pairs, config(output_dir, loss_type="sampled", save_steps=3,
+        trainer = PseudoPreferenceTrainer(world.new_model(), world.tokenizer, pairs, config(output_dir, loss_type="sampled", save_steps=3,
                                                                                    save_strategy="steps"),
                                           callbacks=kwargs.pop("callbacks", None))
         trainer.train(**kwargs)
