@@ -6,12 +6,13 @@
 __all__ = ['TOY_TRAIN_ARGS', 'RunFolder', 'safety_scorers', 'win_rate', 'sampled_metrics', 'MoCAN', 'plot_predicted_vs_realized',
            'safety_spread', 'toy_demo', 'demo_table']
 
-# %% ../nbs/05_mocan.ipynb #dbee9187
-import hashlib, json, shutil
+# %% ../nbs/05_mocan.ipynb #b97f0200
+import copy, hashlib, json, shutil
 from pathlib import Path
 from typing import Callable, Sequence
 from fastcore.basics import patch
 import numpy as np
+import torch
 from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from transformers.trainer_utils import get_last_checkpoint
@@ -22,7 +23,7 @@ from .data import sample_responses, score, to_dual_inputs, sequence_logprobs
 from .train import (pseudo_preference_pairs, pseudo_preference_lists, PseudoPreferenceConfig,
                              PseudoPreferenceTrainer)
 
-# %% ../nbs/05_mocan.ipynb #ea56e9e2
+# %% ../nbs/05_mocan.ipynb #8a938a32
 def _jsonable(x):
     "`x` with numpy arrays and scalars turned into lists and floats, for JSON."
     if isinstance(x, dict): return {k: _jsonable(v) for k, v in x.items()}
@@ -61,7 +62,7 @@ class RunFolder:
 
     def result(self, name:str)->dict: return json.loads((self.stage(name) / "stage.json").read_text())["result"]
 
-# %% ../nbs/05_mocan.ipynb #a6efa811
+# %% ../nbs/05_mocan.ipynb #53453457
 def safety_scorers(scorers:dict, # {"reward": scorer, "safety": scorer | [scorers] | {name: scorer}}
                   )->dict:       # column name -> safety scorer
     "The safety scorers of `scorers`, by column name."
@@ -76,7 +77,7 @@ def safety_scorers(scorers:dict, # {"reward": scorer, "safety": scorer | [scorer
         raise ValueError(f"`scorers['safety']` must hold callables scorer(prompts, responses); got {s!r}")
     return named
 
-# %% ../nbs/05_mocan.ipynb #3003c98f
+# %% ../nbs/05_mocan.ipynb #ab4f3641
 def win_rate(a:np.ndarray, # (n,) scores of the trained policy's responses
              b:np.ndarray, # (n,) scores of the reference policy's responses, paired with `a`
             )->float:
@@ -84,7 +85,7 @@ def win_rate(a:np.ndarray, # (n,) scores of the trained policy's responses
     a, b = np.asarray(a, float), np.asarray(b, float)
     return float(np.mean((a > b) + 0.5 * (a == b)))
 
-# %% ../nbs/05_mocan.ipynb #9d7f1e3f
+# %% ../nbs/05_mocan.ipynb #2cf8314e
 def sampled_metrics(model, # trained policy as a peft model: its adapter is the policy, disabled it is pi_ref
                     tokenizer, # its tokenizer
                     prompts:Sequence[str], # evaluation prompts
@@ -106,7 +107,7 @@ def sampled_metrics(model, # trained policy as a peft model: its adapter is the 
                 trained=dict(means(trained), kl=float(np.mean(np.asarray(trained["ref_logp"]) - ref_logps))),
                 win_rate={c: win_rate(trained[c], ref[c]) for c in scorers})
 
-# %% ../nbs/05_mocan.ipynb #c1eec6d8
+# %% ../nbs/05_mocan.ipynb #8b7f3a41
 def _thresholds(thresholds, # float, (m,) or None (unconstrained)
                 names:list, # the m safety columns
                )->np.ndarray|None: # (m,) or None
@@ -118,7 +119,7 @@ def _thresholds(thresholds, # float, (m,) or None (unconstrained)
         raise ValueError(f"`thresholds` needs one finite value per safety score {names}; got {thresholds!r}")
     return t
 
-# %% ../nbs/05_mocan.ipynb #5d065e9f
+# %% ../nbs/05_mocan.ipynb #126415df
 class MoCAN:
     "Model-based constrained alignment: collect, dual, label, train and evaluate, each stage saved and resumable."
     def __init__(self,
@@ -170,7 +171,7 @@ class MoCAN:
         self._keys[name] = key
         return key, self.run_folder.done(name, key)
 
-# %% ../nbs/05_mocan.ipynb #4d082ce6
+# %% ../nbs/05_mocan.ipynb #8e06b1e3
 def _digest(items)->str: return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()[:16]
 
 @patch
@@ -195,7 +196,7 @@ def _reference(self:MoCAN):
     self.model = self._model_key = None
     return self.policy
 
-# %% ../nbs/05_mocan.ipynb #0fbba093
+# %% ../nbs/05_mocan.ipynb #38bfd312
 @patch
 def dual(self:MoCAN)->dict:
     "Stage `dual`: lam* and the predicted metrics of pi_lam* from the collected scores."
@@ -219,7 +220,7 @@ def dual(self:MoCAN)->dict:
     self.run_folder.finish("dual", key, settings, out)
     return self.run_folder.result("dual")
 
-# %% ../nbs/05_mocan.ipynb #277d55ee
+# %% ../nbs/05_mocan.ipynb #9cf50df5
 @patch
 def label(self:MoCAN)->Dataset:
     "Stage `label`: pseudo-preference pairs (or lists) labelled by Bradley–Terry on r + lam*·g."
@@ -251,7 +252,8 @@ def train(self:MoCAN):
     else:
         args = PseudoPreferenceConfig(output_dir=str(folder / "checkpoints"), beta=self.beta,
                                       **dict(dict(seed=self.seed, report_to="none"), **settings))
-        trainer = PseudoPreferenceTrainer(base, self.tokenizer, data, args)
+        # full fine-tuning trains a copy, so that `policy` stays pi_ref for sampling, evaluation and later thresholds
+        trainer = PseudoPreferenceTrainer(base if args.use_lora else copy.deepcopy(base), self.tokenizer, data, args)
         trainer.train(resume_from_checkpoint=get_last_checkpoint(args.output_dir) if Path(args.output_dir).exists() else None)
         trainer.save_model(str(folder / "model"))
         self.model = trainer.model.eval()
@@ -259,7 +261,7 @@ def train(self:MoCAN):
     self._model_key = key
     return self.model
 
-# %% ../nbs/05_mocan.ipynb #9919ec7e
+# %% ../nbs/05_mocan.ipynb #e43845cc
 @patch
 def evaluate(self:MoCAN)->dict:
     "Stage `evaluate`: metrics of pi_ref and the trained policy, the dual's prediction, and which constraints hold."
@@ -285,12 +287,12 @@ def run(self:MoCAN)->dict:
     "All stages, resuming from what the output folder already holds; returns the evaluation."
     return self.evaluate()
 
-# %% ../nbs/05_mocan.ipynb #d40e6c67
+# %% ../nbs/05_mocan.ipynb #c4167946
 TOY_TRAIN_ARGS = dict(loss_type="listwise", use_lora=False, learning_rate=3e-3, num_train_epochs=40,
                       per_device_train_batch_size=4, save_strategy="epoch", save_total_limit=1, logging_steps=50,
                       disable_tqdm=True)
 
-# %% ../nbs/05_mocan.ipynb #240a1413
+# %% ../nbs/05_mocan.ipynb #a422868b
 def plot_predicted_vs_realized(results:list, # `MoCAN.evaluate()` results, one per threshold
                                j:int=0,      # which safety score
                                ax=None,      # axes to draw on; None: a new figure
@@ -308,7 +310,7 @@ def plot_predicted_vs_realized(results:list, # `MoCAN.evaluate()` results, one p
     ax.legend()
     return ax
 
-# %% ../nbs/05_mocan.ipynb #7c4e0288
+# %% ../nbs/05_mocan.ipynb #6df38e48
 def safety_spread(safety:np.ndarray,  # (M, K, m) safety scores of every response (or samples, with uniform weights)
                   weights:np.ndarray, # (M, K) pi_ref probabilities, rows summing to 1
                  )->np.ndarray:       # (m,) E_x sd_{pi_ref}(g_j | x)
@@ -316,7 +318,7 @@ def safety_spread(safety:np.ndarray,  # (M, K, m) safety scores of every respons
     mean = np.einsum("ik,ikj->ij", weights, safety)
     return np.sqrt(np.einsum("ik,ikj->ij", weights, (safety - mean[:, None]) ** 2)).mean(0)
 
-# %% ../nbs/05_mocan.ipynb #9bd2b0df
+# %% ../nbs/05_mocan.ipynb #6d77c159
 def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figures go here
              beta:float=1.0,              # KL coefficient
              thresholds=(-0.25, -0.4),    # thresholds of E[g1], E[g2]
@@ -325,7 +327,7 @@ def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figure
              seed:int=0,                  # seed of sampling and training
             )->dict:                      # rows: policy -> {reward, safety, kl, met}; lam; figure paths
     "MoCAN on the toy world against pi_ref, unconstrained alignment on r, and the exact constrained optimum."
-    from safe_dual.toy import load_toy_world, exact_metrics, exact_policy, exact_optimum, plot_world
+    from safe_dual.toy import load_toy_world, exact_metrics, exact_policy, exact_optimum, plot_world, _one_thread
     out = Path(output_dir)
     world = load_toy_world()
     thresholds = np.asarray(thresholds, dtype=float)
@@ -334,17 +336,20 @@ def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figure
                    b, beta, n_samples=n_samples, output_dir=out / name, max_new_tokens=world.max_new_tokens, batch_size=64,
                    seed=seed, train_args=train_args or TOY_TRAIN_ARGS, evaluator=lambda m: exact_metrics(m, world))
         return mo, mo.run()
-    (unc, unconstrained), (mo, mocan) = run(None, "unconstrained"), run(thresholds, "mocan")
+    with _one_thread(torch.device("cpu")):  # the toy model is so small that a second thread only costs handoffs
+        (unc, unconstrained), (mo, mocan) = run(None, "unconstrained"), run(thresholds, "mocan")
     optimum = exact_optimum(world, thresholds, beta, return_weights=True)
     rows = {"pi_ref": exact_metrics(world.model, world), "unconstrained (r only)": unconstrained["trained"], "MoCAN": mocan["trained"],
             "exact optimum": dict(reward=optimum.expected_reward, safety=optimum.expected_safety, kl=optimum.kl)}
     tolerance = 0.05 * safety_spread(world.safety, world.ref_probs)
     rows = {k: dict(reward=float(v["reward"]), safety=[float(x) for x in v["safety"]], kl=float(v["kl"]),
                     met=[bool(x) for x in np.asarray(v["safety"]) >= thresholds - tolerance]) for k, v in rows.items()}
-    result = dict(beta=beta, thresholds=thresholds.tolist(), tolerance=tolerance, lam=mocan["lam"], lam_exact=optimum.lam.tolist(),
-                  predicted=mocan["predicted"], rows=rows, figures=[str(out / "toy_world.png")])
     policies = {"unconstrained": exact_policy(unc.model, world), "MoCAN": exact_policy(mo.model, world),
                 "exact optimum": optimum.weights}
+    p, q = policies["MoCAN"], optimum.weights
+    rows["MoCAN"]["kl_to_optimum"] = float(np.mean(np.sum(p * (np.log(p) - np.log(q)), 1)))
+    result = dict(beta=beta, thresholds=thresholds.tolist(), tolerance=tolerance, lam=mocan["lam"], lam_exact=optimum.lam.tolist(),
+                  predicted=mocan["predicted"], rows=rows, figures=[str(out / "toy_world.png")])
     fig, axs = plt.subplots(1, 2, figsize=(11, 4.2))
     for j, ax in enumerate(axs):
         plot_world(world, 0, j, policies=policies, ax=ax)
@@ -354,7 +359,7 @@ def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figure
     (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
     return result
 
-# %% ../nbs/05_mocan.ipynb #c791ed5a
+# %% ../nbs/05_mocan.ipynb #27472cc7
 def demo_table(result:dict)->list: # rows of `format_table`: policy, E[r], E[g_j], KL, constraints met
     "Rows of the demo's results table."
     return [[name, v["reward"], *v["safety"], v["kl"], "yes" if all(v["met"]) else "no"] for name, v in result["rows"].items()]
