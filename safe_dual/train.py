@@ -7,7 +7,7 @@ __all__ = ['LABEL_KINDS', 'LOSS_TYPES', 'SETTINGS_NAME', 'soft_dpo_loss', 'dpo_l
            'preference_targets', 'pseudo_preference_pairs', 'pseudo_preference_lists', 'PseudoPreferenceConfig',
            'PseudoPreferenceTrainer']
 
-# %% ../nbs/04_train.ipynb #d8eb29fc
+# %% ../nbs/04_train.ipynb #a5bd8e42
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .data import _pad, _pair_ids, response_logprobs, sequence_logprobs
 
-# %% ../nbs/04_train.ipynb #02a9d010
+# %% ../nbs/04_train.ipynb #b1d556d8
 def soft_dpo_loss(
     chosen_logps: torch.Tensor,  # (B,) log pi_theta(chosen | prompt)
     rejected_logps: torch.Tensor,  # (B,) log pi_theta(rejected | prompt)
@@ -36,7 +37,7 @@ def soft_dpo_loss(
     logits = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))
     return -(labels * F.logsigmoid(logits) + (1 - labels) * F.logsigmoid(-logits))
 
-# %% ../nbs/04_train.ipynb #6786e919
+# %% ../nbs/04_train.ipynb #e961f7af
 def dpo_loss(
     chosen_logps: torch.Tensor,  # (B,) log pi_theta(chosen | prompt)
     rejected_logps: torch.Tensor,  # (B,) log pi_theta(rejected | prompt)
@@ -47,7 +48,7 @@ def dpo_loss(
     "Plain DPO loss (Rafailov et al. 2023): chosen is preferred with probability one."
     return -F.logsigmoid(beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)))
 
-# %% ../nbs/04_train.ipynb #993e4e2f
+# %% ../nbs/04_train.ipynb #9e65678c
 def listwise_loss(
     logps: torch.Tensor,  # (P, N) log pi_theta(y_n | x) of each prompt's sampled responses
     ref_logps: torch.Tensor,  # (P, N) log pi_ref(y_n | x)
@@ -62,7 +63,7 @@ def listwise_loss(
     log_q = torch.log_softmax((logps - ref_logps).masked_fill(~mask, neg_inf), dim=-1)
     return -(targets * log_q).masked_fill(~mask, 0.0).sum(-1)
 
-# %% ../nbs/04_train.ipynb #8ea4aa16
+# %% ../nbs/04_train.ipynb #de924ffc
 def _column(dataset, name, arg):
     "Column `name` of `dataset` as a float array, with an actionable error when it is missing or not finite."
     if name not in dataset.column_names:
@@ -74,7 +75,7 @@ def _column(dataset, name, arg):
                          "drop or re-score those rows first.")
     return values
 
-# %% ../nbs/04_train.ipynb #231cbd94
+# %% ../nbs/04_train.ipynb #2c1ac0e7
 def combined_rewards(
     dataset: Dataset,  # one row per response, with score (or log-prob) columns
     lam,  # (m,) Lagrange multipliers, one per safety column
@@ -99,7 +100,7 @@ def combined_rewards(
         r, g = beta_r * (r - ref), np.asarray(beta_g, dtype=np.float64) * (g - ref[:, None])
     return r + g @ lam
 
-# %% ../nbs/04_train.ipynb #0a735518
+# %% ../nbs/04_train.ipynb #a04ae64d
 LABEL_KINDS = ("soft", "sampled", "hard")
 
 def preference_targets(
@@ -113,7 +114,7 @@ def preference_targets(
     if labels == "hard": return (probs > 0.5).to(probs.dtype) + 0.5 * (probs == 0.5).to(probs.dtype)
     raise ValueError(f"`labels`={labels!r} is not one of {LABEL_KINDS}.")
 
-# %% ../nbs/04_train.ipynb #94e5d6b0
+# %% ../nbs/04_train.ipynb #831a3f11
 def _prompt_groups(dataset):
     "Row indices of each prompt's responses (ordered by `sample_id` when present), prompts in `prompt_id` order."
     if "prompt_id" not in dataset.column_names:
@@ -134,7 +135,7 @@ def _pair_indices(n, pairs, rng):
     if pairs == "all" or pairs >= len(every): return every
     return [every[k] for k in sorted(rng.choice(len(every), size=pairs, replace=False))]
 
-# %% ../nbs/04_train.ipynb #c9abf32f
+# %% ../nbs/04_train.ipynb #6289325e
 def pseudo_preference_pairs(
     dataset: Dataset,  # one row per response: prompt_id, prompt, response[, prompt_ids, response_ids], scores
     lam,  # (m,) Lagrange multipliers, e.g. `solve_dual(...).lam`
@@ -174,7 +175,7 @@ def pseudo_preference_pairs(
         out["chosen_ids"], out["rejected_ids"] = list(chosen_rows["response_ids"]), list(rejected_rows["response_ids"])
     return Dataset.from_dict(out)
 
-# %% ../nbs/04_train.ipynb #60cf61b3
+# %% ../nbs/04_train.ipynb #10c4a489
 def pseudo_preference_lists(
     dataset: Dataset,  # one row per response, as for `pseudo_preference_pairs`
     lam,  # (m,) Lagrange multipliers
@@ -197,7 +198,7 @@ def pseudo_preference_lists(
     if "response_ids" in cols: out["response_ids"] = [[cols["response_ids"][int(i)] for i in rows] for rows in groups]
     return Dataset.from_dict(out)
 
-# %% ../nbs/04_train.ipynb #66cc8407
+# %% ../nbs/04_train.ipynb #22eb528e
 LOSS_TYPES = LABEL_KINDS + ("listwise",)
 
 @dataclass
@@ -234,7 +235,7 @@ class PseudoPreferenceConfig(TrainingArguments):
             raise ValueError("`remove_unused_columns=True` would drop the preference columns the collator needs; "
                              "leave it False.")
 
-# %% ../nbs/04_train.ipynb #69aade2a
+# %% ../nbs/04_train.ipynb #880f8706
 def _check_pairs(dataset, name):
     "Validate a pair dataset and add a `label` of 1 when it has none."
     for col in ("prompt", "chosen", "rejected"):
@@ -291,7 +292,7 @@ def _check_tokens(dataset, name, listwise):
                               f"row {same[0]}); they carry no preference signal. Drop them (`pseudo_preference_pairs` "
                               "skips them).")
 
-# %% ../nbs/04_train.ipynb #9113f0ef
+# %% ../nbs/04_train.ipynb #2a2bf7e3
 def _sequences(prompt_ids, response_ids, pad_token_id):
     "Right-padded prompt+response ids, attention mask and response mask for a list of sequences."
     input_ids, attention_mask = _pad([p + r for p, r in zip(prompt_ids, response_ids)], pad_token_id)
@@ -320,7 +321,7 @@ def _collate_lists(examples, pad_token_id):
         batch["ref_logps"] = torch.tensor([s for e in examples for s in e["ref_logps"]], dtype=torch.float64)
     return batch
 
-# %% ../nbs/04_train.ipynb #2081234b
+# %% ../nbs/04_train.ipynb #62d209b3
 def _prepared(dataset, name, tokenizer, args):
     "Validate a pair or list dataset and tokenize what is still text."
     if not isinstance(dataset, Dataset): raise ValueError(f"`{name}` must be a `datasets.Dataset`, got {type(dataset).__name__}.")
@@ -332,7 +333,7 @@ def _prepared(dataset, name, tokenizer, args):
     _check_tokens(dataset, name, listwise)
     return dataset
 
-# %% ../nbs/04_train.ipynb #64a4d06c
+# %% ../nbs/04_train.ipynb #3e15a784
 SETTINGS_NAME = "pseudo_preference_config.json"
 _TOTALS = ("loss_sum", "pairs", "agree", "decided", "margin_sum", "kl_sum", "responses")
 
@@ -449,6 +450,9 @@ class PseudoPreferenceTrainer(Trainer):
         return loss.detach(), None, None
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        "Save the adapter (or model) as safetensors with the tokenizer, and the run's settings as JSON."
+        "Save the adapter (or model) as safetensors with the tokenizer, and the run's settings as JSON (not as a pickle)."
         super().save_model(output_dir, _internal_call)
-        if self.args.should_save: (Path(output_dir or self.args.output_dir) / SETTINGS_NAME).write_text(self.args.to_json_string())
+        if self.args.should_save:
+            out = Path(output_dir or self.args.output_dir)
+            (out / SETTINGS_NAME).write_text(self.args.to_json_string())
+            (out / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # `Trainer` pickles the arguments; the JSON says the same
