@@ -6,7 +6,7 @@
 __all__ = ['TOY_TRAIN_ARGS', 'RunFolder', 'safety_scorers', 'win_rate', 'sampled_metrics', 'MoCAN', 'plot_predicted_vs_realized',
            'safety_spread', 'toy_demo', 'demo_table']
 
-# %% ../nbs/05_mocan.ipynb #b97f0200
+# %% ../nbs/05_mocan.ipynb #cdc09b55
 import copy, hashlib, json, shutil
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,14 +16,14 @@ import torch
 from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from transformers.trainer_utils import get_last_checkpoint
-from .dual import solve_dual, bootstrap_dual, policy_metrics
+from .dual import solve_dual, bootstrap_dual, policy_metrics, _thresholds
 import matplotlib.pyplot as plt
 from .explore import reference_metrics
 from .data import sample_responses, score, to_dual_inputs, sequence_logprobs
 from .train import (pseudo_preference_pairs, pseudo_preference_lists, PseudoPreferenceConfig,
                              PseudoPreferenceTrainer)
 
-# %% ../nbs/05_mocan.ipynb #8a938a32
+# %% ../nbs/05_mocan.ipynb #412609e6
 def _jsonable(x):
     "`x` with numpy arrays and scalars turned into lists and floats, for JSON."
     if isinstance(x, dict): return {k: _jsonable(v) for k, v in x.items()}
@@ -62,7 +62,7 @@ class RunFolder:
 
     def result(self, name:str)->dict: return json.loads((self.stage(name) / "stage.json").read_text())["result"]
 
-# %% ../nbs/05_mocan.ipynb #53453457
+# %% ../nbs/05_mocan.ipynb #78e30272
 def safety_scorers(scorers:dict, # {"reward": scorer, "safety": scorer | [scorers] | {name: scorer}}
                   )->dict:       # column name -> safety scorer
     "The safety scorers of `scorers`, by column name."
@@ -77,7 +77,7 @@ def safety_scorers(scorers:dict, # {"reward": scorer, "safety": scorer | [scorer
         raise ValueError(f"`scorers['safety']` must hold callables scorer(prompts, responses); got {s!r}")
     return named
 
-# %% ../nbs/05_mocan.ipynb #ab4f3641
+# %% ../nbs/05_mocan.ipynb #f40dc196
 def win_rate(a:np.ndarray, # (n,) scores of the trained policy's responses
              b:np.ndarray, # (n,) scores of the reference policy's responses, paired with `a`
             )->float:
@@ -85,7 +85,7 @@ def win_rate(a:np.ndarray, # (n,) scores of the trained policy's responses
     a, b = np.asarray(a, float), np.asarray(b, float)
     return float(np.mean((a > b) + 0.5 * (a == b)))
 
-# %% ../nbs/05_mocan.ipynb #2cf8314e
+# %% ../nbs/05_mocan.ipynb #58881aa4
 def sampled_metrics(model, # trained policy as a peft model: its adapter is the policy, disabled it is pi_ref
                     tokenizer, # its tokenizer
                     prompts:Sequence[str], # evaluation prompts
@@ -107,19 +107,7 @@ def sampled_metrics(model, # trained policy as a peft model: its adapter is the 
                 trained=dict(means(trained), kl=float(np.mean(np.asarray(trained["ref_logp"]) - ref_logps))),
                 win_rate={c: win_rate(trained[c], ref[c]) for c in scorers})
 
-# %% ../nbs/05_mocan.ipynb #8b7f3a41
-def _thresholds(thresholds, # float, (m,) or None (unconstrained)
-                names:list, # the m safety columns
-               )->np.ndarray|None: # (m,) or None
-    "Thresholds as an array with one value per safety score."
-    if thresholds is None: return None
-    t = np.asarray(thresholds, dtype=float)
-    t = np.full(len(names), float(t)) if t.ndim == 0 else t
-    if t.shape != (len(names),) or not np.isfinite(t).all():
-        raise ValueError(f"`thresholds` needs one finite value per safety score {names}; got {thresholds!r}")
-    return t
-
-# %% ../nbs/05_mocan.ipynb #126415df
+# %% ../nbs/05_mocan.ipynb #f6259431
 class MoCAN:
     "Model-based constrained alignment: collect, dual, label, train and evaluate, each stage saved and resumable."
     def __init__(self,
@@ -150,7 +138,7 @@ class MoCAN:
         if not len(prompts): raise ValueError("`prompts` is empty; pass the training prompts")
         if n_samples < 2: raise ValueError(f"`n_samples` must be >= 2 (pairs need two responses); got {n_samples}")
         if not beta > 0: raise ValueError(f"`beta` must be > 0 (the KL coefficient); got {beta}")
-        self.thresholds = _thresholds(thresholds, list(self.safety))
+        self.thresholds = None if thresholds is None else _thresholds(thresholds, len(self.safety))
         self.policy, self.tokenizer, self.prompts, self.beta = policy, tokenizer, list(prompts), float(beta)
         self.eval_prompts = list(eval_prompts) if eval_prompts is not None else self.prompts
         self.sampling = dict(n=n_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -171,7 +159,7 @@ class MoCAN:
         self._keys[name] = key
         return key, self.run_folder.done(name, key)
 
-# %% ../nbs/05_mocan.ipynb #8e06b1e3
+# %% ../nbs/05_mocan.ipynb #e1e5ae00
 def _digest(items)->str: return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()[:16]
 
 @patch
@@ -196,7 +184,7 @@ def _reference(self:MoCAN):
     self.model = self._model_key = None
     return self.policy
 
-# %% ../nbs/05_mocan.ipynb #38bfd312
+# %% ../nbs/05_mocan.ipynb #d6b31a8e
 @patch
 def dual(self:MoCAN)->dict:
     "Stage `dual`: lam* and the predicted metrics of pi_lam* from the collected scores."
@@ -220,7 +208,7 @@ def dual(self:MoCAN)->dict:
     self.run_folder.finish("dual", key, settings, out)
     return self.run_folder.result("dual")
 
-# %% ../nbs/05_mocan.ipynb #9cf50df5
+# %% ../nbs/05_mocan.ipynb #bb2479e4
 @patch
 def label(self:MoCAN)->Dataset:
     "Stage `label`: pseudo-preference pairs (or lists) labelled by Bradley–Terry on r + lam*·g."
@@ -230,12 +218,17 @@ def label(self:MoCAN)->Dataset:
     key, done = self._stage("label", settings, self._keys["dual"])
     folder = self.run_folder.stage("label")
     if done: return load_from_disk(folder / "data")
-    safety = list(self.safety)
-    out = (pseudo_preference_lists(data, lam, reward="reward", safety=safety) if listwise else
-           pseudo_preference_pairs(data, lam, reward="reward", safety=safety, pairs=self.pairs, labels=self.labels, seed=self.seed))
+    columns = self._label_columns()
+    out = (pseudo_preference_lists(data, lam, **columns) if listwise else
+           pseudo_preference_pairs(data, lam, pairs=self.pairs, labels=self.labels, seed=self.seed, **columns))
     out.save_to_disk(folder / "data")
     self.run_folder.finish("label", key, settings, dict(lam=lam, rows=len(out)))
     return out
+
+@patch
+def _label_columns(self:MoCAN)->dict:
+    "Columns (and their scales) that `pseudo_preference_pairs` combines into r + lam·g."
+    return dict(reward="reward", safety=list(self.safety))
 
 @patch
 def train(self:MoCAN):
@@ -261,7 +254,7 @@ def train(self:MoCAN):
     self._model_key = key
     return self.model
 
-# %% ../nbs/05_mocan.ipynb #e43845cc
+# %% ../nbs/05_mocan.ipynb #a8fb7eb5
 @patch
 def evaluate(self:MoCAN)->dict:
     "Stage `evaluate`: metrics of pi_ref and the trained policy, the dual's prediction, and which constraints hold."
@@ -287,12 +280,12 @@ def run(self:MoCAN)->dict:
     "All stages, resuming from what the output folder already holds; returns the evaluation."
     return self.evaluate()
 
-# %% ../nbs/05_mocan.ipynb #c4167946
+# %% ../nbs/05_mocan.ipynb #f2878f7c
 TOY_TRAIN_ARGS = dict(loss_type="listwise", use_lora=False, learning_rate=3e-3, num_train_epochs=40,
                       per_device_train_batch_size=4, save_strategy="epoch", save_total_limit=1, logging_steps=50,
                       disable_tqdm=True)
 
-# %% ../nbs/05_mocan.ipynb #a422868b
+# %% ../nbs/05_mocan.ipynb #785f95c7
 def plot_predicted_vs_realized(results:list, # `MoCAN.evaluate()` results, one per threshold
                                j:int=0,      # which safety score
                                ax=None,      # axes to draw on; None: a new figure
@@ -310,7 +303,7 @@ def plot_predicted_vs_realized(results:list, # `MoCAN.evaluate()` results, one p
     ax.legend()
     return ax
 
-# %% ../nbs/05_mocan.ipynb #6df38e48
+# %% ../nbs/05_mocan.ipynb #39b61edb
 def safety_spread(safety:np.ndarray,  # (M, K, m) safety scores of every response (or samples, with uniform weights)
                   weights:np.ndarray, # (M, K) pi_ref probabilities, rows summing to 1
                  )->np.ndarray:       # (m,) E_x sd_{pi_ref}(g_j | x)
@@ -318,7 +311,7 @@ def safety_spread(safety:np.ndarray,  # (M, K, m) safety scores of every respons
     mean = np.einsum("ik,ikj->ij", weights, safety)
     return np.sqrt(np.einsum("ik,ikj->ij", weights, (safety - mean[:, None]) ** 2)).mean(0)
 
-# %% ../nbs/05_mocan.ipynb #6d77c159
+# %% ../nbs/05_mocan.ipynb #d960811c
 def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figures go here
              beta:float=1.0,              # KL coefficient
              thresholds=(-0.25, -0.4),    # thresholds of E[g1], E[g2]
@@ -359,7 +352,7 @@ def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figure
     (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
     return result
 
-# %% ../nbs/05_mocan.ipynb #27472cc7
+# %% ../nbs/05_mocan.ipynb #116c668f
 def demo_table(result:dict)->list: # rows of `format_table`: policy, E[r], E[g_j], KL, constraints met
     "Rows of the demo's results table."
     return [[name, v["reward"], *v["safety"], v["kl"], "yes" if all(v["met"]) else "no"] for name, v in result["rows"].items()]

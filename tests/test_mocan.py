@@ -50,7 +50,7 @@ def test_demo_table_and_figure(demo):
 def test_bad_input():
     w = load_toy_world()
     sc = dict(reward=w.reward_scorer, safety=w.safety_scorers)
-    with pytest.raises(ValueError, match="one finite value per safety score"):
+    with pytest.raises(ValueError, match=r"must be a number or have shape \(2,\)"):
         MoCAN(w.model, w.tokenizer, w.prompts, sc, [0.1, 0.2, 0.3], 1.0)
     with pytest.raises(ValueError, match="`n_samples` must be >= 2"):
         MoCAN(w.model, w.tokenizer, w.prompts, sc, 0.1, 1.0, n_samples=1)
