@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['preference_sets', 'adapter_logprobs', 'PeCAN']
 
-# %% ../nbs/06_pecan.ipynb #3cd9e1ab
+# %% ../nbs/06_pecan.ipynb #52b801f4
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,9 +17,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from .dual import solve_dual_preference, policy_metrics, _thresholds
 from .data import sample_responses, sequence_logprobs, to_dual_inputs
 from .train import PseudoPreferenceConfig, PseudoPreferenceTrainer
-from .mocan import MoCAN, RunFolder, win_rate, _digest
+from .mocan import MoCAN, RunFolder, win_rate, dual_summary, _digest
 
-# %% ../nbs/06_pecan.ipynb #fa855a8b
+# %% ../nbs/06_pecan.ipynb #20cff725
 def _check_preferences(data, name:str)->Dataset:
     "`data` if it is a non-empty preference `Dataset`, else an actionable error."
     if not isinstance(data, Dataset):
@@ -48,7 +48,7 @@ def _preferences_digest(data:Dataset)->str:
     cols = [c for c in ("prompt", "chosen", "rejected", "label", "prompt_ids", "chosen_ids", "rejected_ids") if c in data.column_names]
     return _digest([cols] + [list(data[c]) for c in cols])
 
-# %% ../nbs/06_pecan.ipynb #a7edc9a7
+# %% ../nbs/06_pecan.ipynb #64cf73fe
 def adapter_logprobs(model:PeftModel, # peft model holding the adapters
                      tokenizer, # its tokenizer
                      data, # rows with prompt and response (or `prompt_ids`/`response_ids`)
@@ -65,7 +65,7 @@ def adapter_logprobs(model:PeftModel, # peft model holding the adapters
     with model.disable_adapter(): out["ref_logp"] = sequence_logprobs(model, tokenizer, data, batch_size, progress=False)
     return out
 
-# %% ../nbs/06_pecan.ipynb #9a76ec65
+# %% ../nbs/06_pecan.ipynb #1178f3e9
 class PeCAN(MoCAN):
     "Preference-based constrained alignment: prealign, collect, dual, label, train and evaluate, each stage saved and resumable."
     def __init__(self,
@@ -129,7 +129,7 @@ class PeCAN(MoCAN):
         "Columns of the collected data: log pi_r, then log pi_g for each safety set."
         return [f"{k}_logp" for k in self.preferences]
 
-# %% ../nbs/06_pecan.ipynb #ec161564
+# %% ../nbs/06_pecan.ipynb #83c2e971
 @patch
 def prealign(self:PeCAN)->dict:
     "Stage `prealign`: DPO of pi_r and of every pi_g, one LoRA adapter each; returns adapter name -> folder."
@@ -162,7 +162,7 @@ def _prealigned(self:PeCAN):
     try: yield model.eval()
     finally: self.policy = model.unload()
 
-# %% ../nbs/06_pecan.ipynb #133057d9
+# %% ../nbs/06_pecan.ipynb #5b5532d0
 @patch
 def collect(self:PeCAN)->Dataset:
     "Stage `collect`: sample `n_samples` responses per prompt from pi_ref; log-probs under pi_ref, pi_r and every pi_g."
@@ -183,7 +183,7 @@ def collect(self:PeCAN)->Dataset:
     self.run_folder.finish("collect", key, settings)
     return data
 
-# %% ../nbs/06_pecan.ipynb #bf5e0b4e
+# %% ../nbs/06_pecan.ipynb #dd511b37
 @patch
 def _implicit(self:PeCAN, data:Dataset)->tuple:
     "(M, N) log pi_ref, (M, N) log pi_r, (M, N, m) log pi_g and the (M, N) mask of collected data."
@@ -211,18 +211,17 @@ def dual(self:PeCAN)->dict:
     else:
         res = solve_dual_preference(ref_logps, helpful_logps, safety_logps, self.margins, self.beta, self.beta_r,
                                     self.beta_g, mask=mask)
-        out.update(lam=res.lam, converged=res.converged, iterations=res.iterations, median_ess=float(np.median(res.ess)),
-                   predicted=dict(reward=res.expected_reward, safety=res.expected_safety, kl=res.kl))
+        out.update(dual_summary(res))
     self.run_folder.finish("dual", key, settings, out)
     return self.run_folder.result("dual")
 
-# %% ../nbs/06_pecan.ipynb #bc7f30e7
+# %% ../nbs/06_pecan.ipynb #61608ebd
 @patch
 def _label_columns(self:PeCAN)->dict:
     "The implicit rewards: log-prob columns of pi_r and the pi_g with their temperatures, against log pi_ref."
     return dict(reward="helpful_logp", safety=self.logp_columns[1:], beta_r=self.beta_r, beta_g=self.beta_g, ref_logp="ref_logp")
 
-# %% ../nbs/06_pecan.ipynb #370d7be5
+# %% ../nbs/06_pecan.ipynb #5b9054d2
 @patch
 def _sampled_implicit(self:PeCAN, model:PeftModel)->dict:
     "Implicit-reward means of the trained policy and of pi_ref on sampled responses, win rates and a Monte Carlo KL."
