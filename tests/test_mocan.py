@@ -47,6 +47,16 @@ def test_demo_table_and_figure(demo):
     assert (out / "toy_world.png").stat().st_size > 10_000
 
 
+def test_held_out_prompts(demo):
+    "Trained policies generalize to prompts they never saw: MoCAN is safer than unconstrained alignment, more helpful than pi_ref."
+    r, _ = demo
+    h = r["held_out"]
+    assert h["pi_ref"]["kl"] == 0 and np.allclose(h["pi_ref"]["win_rate"], 0.5)
+    assert h["MoCAN"]["win_rate"][0] > 0.5                      # more helpful than pi_ref
+    assert all(m > u for m, u in zip(h["MoCAN"]["safety"], h["unconstrained (r only)"]["safety"]))
+    print(h)
+
+
 def test_bad_input():
     w = load_toy_world()
     sc = dict(reward=w.reward_scorer, safety=w.safety_scorers)
