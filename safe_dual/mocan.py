@@ -6,7 +6,7 @@
 __all__ = ['TOY_TRAIN_ARGS', 'RunFolder', 'safety_scorers', 'win_rate', 'exact_win_rate', 'sampled_metrics', 'MoCAN',
            'dual_summary', 'plot_predicted_vs_realized', 'safety_spread', 'toy_demo', 'demo_table', 'held_out_table']
 
-# %% ../nbs/05_mocan.ipynb #d2f73237
+# %% ../nbs/05_mocan.ipynb #4f0f6716
 import copy, hashlib, json, shutil
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +23,7 @@ from .data import sample_responses, score, to_dual_inputs, sequence_logprobs
 from .train import (pseudo_preference_pairs, pseudo_preference_lists, PseudoPreferenceConfig,
                              PseudoPreferenceTrainer)
 
-# %% ../nbs/05_mocan.ipynb #657b6e67
+# %% ../nbs/05_mocan.ipynb #7fd94e08
 def _jsonable(x):
     "`x` with numpy arrays and scalars turned into lists and floats, for JSON."
     if isinstance(x, dict): return {k: _jsonable(v) for k, v in x.items()}
@@ -62,7 +62,7 @@ class RunFolder:
 
     def result(self, name:str)->dict: return json.loads((self.stage(name) / "stage.json").read_text())["result"]
 
-# %% ../nbs/05_mocan.ipynb #bc5024bc
+# %% ../nbs/05_mocan.ipynb #8c5dadc0
 def safety_scorers(scorers:dict, # {"reward": scorer, "safety": scorer | [scorers] | {name: scorer}}
                   )->dict:       # column name -> safety scorer
     "The safety scorers of `scorers`, by column name."
@@ -77,7 +77,7 @@ def safety_scorers(scorers:dict, # {"reward": scorer, "safety": scorer | [scorer
         raise ValueError(f"`scorers['safety']` must hold callables scorer(prompts, responses); got {s!r}")
     return named
 
-# %% ../nbs/05_mocan.ipynb #d04d2925
+# %% ../nbs/05_mocan.ipynb #aae15dbd
 def win_rate(a:np.ndarray, # (n,) scores of the trained policy's responses
              b:np.ndarray, # (n,) scores of the reference policy's responses, paired with `a`
             )->float:
@@ -85,7 +85,7 @@ def win_rate(a:np.ndarray, # (n,) scores of the trained policy's responses
     a, b = np.asarray(a, float), np.asarray(b, float)
     return float(np.mean((a > b) + 0.5 * (a == b)))
 
-# %% ../nbs/05_mocan.ipynb #5ef5c652
+# %% ../nbs/05_mocan.ipynb #5ba4c60c
 def exact_win_rate(probs:np.ndarray,     # (M, K) the policy's probabilities of every response
                    ref_probs:np.ndarray, # (M, K) pi_ref's probabilities of the same responses
                    scores:np.ndarray,    # (M, K) a score of every response
@@ -94,7 +94,7 @@ def exact_win_rate(probs:np.ndarray,     # (M, K) the policy's probabilities of 
     diff = np.sign(scores[:, :, None] - scores[:, None, :])  # (M, K, K): +1 win, 0 tie, -1 loss
     return float(np.einsum("ik,il,ikl->i", probs, ref_probs, 0.5 * (diff + 1)).mean())
 
-# %% ../nbs/05_mocan.ipynb #a66a27d8
+# %% ../nbs/05_mocan.ipynb #a170b6c6
 def sampled_metrics(model, # trained policy as a peft model: its adapter is the policy, disabled it is pi_ref
                     tokenizer, # its tokenizer
                     prompts:Sequence[str], # evaluation prompts
@@ -116,7 +116,7 @@ def sampled_metrics(model, # trained policy as a peft model: its adapter is the 
                 trained=dict(means(trained), kl=float(np.mean(np.asarray(trained["ref_logp"]) - ref_logps))),
                 win_rate={c: win_rate(trained[c], ref[c]) for c in scorers})
 
-# %% ../nbs/05_mocan.ipynb #705612b0
+# %% ../nbs/05_mocan.ipynb #b0f8c657
 class MoCAN:
     "Model-based constrained alignment: collect, dual, label, train and evaluate, each stage saved and resumable."
     def __init__(self,
@@ -144,19 +144,26 @@ class MoCAN:
                 ):
         self.safety = safety_scorers(scorers)
         self.scorers = {"reward": scorers["reward"], **self.safety}
-        if not len(prompts): raise ValueError("`prompts` is empty; pass the training prompts")
-        if n_samples < 2: raise ValueError(f"`n_samples` must be >= 2 (pairs need two responses); got {n_samples}")
-        if not beta > 0: raise ValueError(f"`beta` must be > 0 (the KL coefficient); got {beta}")
+        self._keep_run_settings(policy, tokenizer, prompts, beta, n_samples, output_dir, eval_prompts, pairs, labels, seed,
+                                evaluator, n_eval, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                batch_size=batch_size, chat_template=chat_template)
         self.thresholds = None if thresholds is None else _thresholds(thresholds, len(self.safety))
-        self.policy, self.tokenizer, self.prompts, self.beta = policy, tokenizer, list(prompts), float(beta)
-        self.eval_prompts = list(eval_prompts) if eval_prompts is not None else self.prompts
-        self.sampling = dict(n=n_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             batch_size=batch_size, seed=seed, chat_template=chat_template)
-        self.pairs, self.labels, self.seed = pairs, labels, seed
         self.train_args = dict(train_args or {})
         for k in ("output_dir", "beta"):
             if k in self.train_args: raise ValueError(f"`train_args` may not set `{k}`; MoCAN sets it (pass `{k}` to MoCAN)")
-        self.evaluator, self.n_eval, self.bootstrap = evaluator, n_eval, bootstrap
+        self.bootstrap = bootstrap
+
+    def _keep_run_settings(self, policy, tokenizer, prompts, beta, n_samples, output_dir, eval_prompts, pairs, labels, seed,
+                           evaluator, n_eval, **sampling):
+        "Check and keep the settings every pipeline has (MoCAN's and PeCAN's `__init__` document them)."
+        if not len(prompts): raise ValueError("`prompts` is empty; pass the training prompts")
+        if n_samples < 2: raise ValueError(f"`n_samples` must be >= 2 (pairs need two responses); got {n_samples}")
+        if not beta > 0: raise ValueError(f"`beta` must be > 0 (the KL coefficient); got {beta}")
+        self.policy, self.tokenizer, self.prompts, self.beta = policy, tokenizer, list(prompts), float(beta)
+        self.eval_prompts = list(eval_prompts) if eval_prompts is not None else self.prompts
+        self.sampling = dict(n=n_samples, seed=seed, **sampling)
+        self.pairs, self.labels, self.seed = pairs, labels, seed
+        self.evaluator, self.n_eval = evaluator, n_eval
         self.run_folder, self.model, self._model_key, self._keys = RunFolder(output_dir), None, None, {}
 
     @property
@@ -168,7 +175,7 @@ class MoCAN:
         self._keys[name] = key
         return key, self.run_folder.done(name, key)
 
-# %% ../nbs/05_mocan.ipynb #18969e58
+# %% ../nbs/05_mocan.ipynb #f3b0050c
 def _digest(items)->str: return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()[:16]
 
 @patch
@@ -193,7 +200,7 @@ def _reference(self:MoCAN):
     self.model = self._model_key = None
     return self.policy
 
-# %% ../nbs/05_mocan.ipynb #357a62be
+# %% ../nbs/05_mocan.ipynb #1a8584e0
 def dual_summary(res)->dict: # lam, converged, iterations, median_ess, predicted {reward, safety, kl}
     "What the `dual` stage keeps of a `DualResult`."
     return dict(lam=res.lam, converged=res.converged, iterations=res.iterations, median_ess=float(np.median(res.ess)),
@@ -221,7 +228,7 @@ def dual(self:MoCAN)->dict:
     self.run_folder.finish("dual", key, settings, out)
     return self.run_folder.result("dual")
 
-# %% ../nbs/05_mocan.ipynb #f4899ccd
+# %% ../nbs/05_mocan.ipynb #2a51669e
 @patch
 def label(self:MoCAN)->Dataset:
     "Stage `label`: pseudo-preference pairs (or lists) labelled by Bradley–Terry on r + lam*·g."
@@ -267,7 +274,7 @@ def train(self:MoCAN):
     self._model_key = key
     return self.model
 
-# %% ../nbs/05_mocan.ipynb #5f53f846
+# %% ../nbs/05_mocan.ipynb #d9c5d116
 @patch
 def evaluate(self:MoCAN)->dict:
     "Stage `evaluate`: metrics of pi_ref and the trained policy, the dual's prediction, and which constraints hold."
@@ -293,12 +300,12 @@ def run(self:MoCAN)->dict:
     "All stages, resuming from what the output folder already holds; returns the evaluation."
     return self.evaluate()
 
-# %% ../nbs/05_mocan.ipynb #8b266d82
+# %% ../nbs/05_mocan.ipynb #365dcfda
 TOY_TRAIN_ARGS = dict(loss_type="listwise", use_lora=False, learning_rate=3e-3, num_train_epochs=40,
                       per_device_train_batch_size=4, save_strategy="epoch", save_total_limit=1, logging_steps=50,
                       disable_tqdm=True)
 
-# %% ../nbs/05_mocan.ipynb #844dd52f
+# %% ../nbs/05_mocan.ipynb #d2686871
 def plot_predicted_vs_realized(results:list, # `MoCAN.evaluate()` results, one per threshold
                                j:int=0,      # which safety score
                                ax=None,      # axes to draw on; None: a new figure
@@ -316,7 +323,7 @@ def plot_predicted_vs_realized(results:list, # `MoCAN.evaluate()` results, one p
     ax.legend()
     return ax
 
-# %% ../nbs/05_mocan.ipynb #f175a779
+# %% ../nbs/05_mocan.ipynb #d84063f8
 def safety_spread(safety:np.ndarray,  # (M, K, m) safety scores of every response (or samples, with uniform weights)
                   weights:np.ndarray, # (M, K) pi_ref probabilities, rows summing to 1
                  )->np.ndarray:       # (m,) E_x sd_{pi_ref}(g_j | x)
@@ -324,7 +331,7 @@ def safety_spread(safety:np.ndarray,  # (M, K, m) safety scores of every respons
     mean = np.einsum("ik,ikj->ij", weights, safety)
     return np.sqrt(np.einsum("ik,ikj->ij", weights, (safety - mean[:, None]) ** 2)).mean(0)
 
-# %% ../nbs/05_mocan.ipynb #71d90569
+# %% ../nbs/05_mocan.ipynb #99b211a0
 def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figures go here
              beta:float=1.0,              # KL coefficient
              thresholds=(-0.25, -0.4),    # thresholds of E[g1], E[g2]
@@ -372,7 +379,7 @@ def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figure
     (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
     return result
 
-# %% ../nbs/05_mocan.ipynb #5119340d
+# %% ../nbs/05_mocan.ipynb #891543ab
 def demo_table(result:dict)->list: # rows of `format_table`: policy, E[r], E[g_j], KL, constraints met
     "Rows of the demo's results table."
     return [[name, v["reward"], *v["safety"], v["kl"], "yes" if all(v["met"]) else "no"] for name, v in result["rows"].items()]

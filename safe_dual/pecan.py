@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['preference_sets', 'adapter_logprobs', 'PeCAN']
 
-# %% ../nbs/06_pecan.ipynb #52b801f4
+# %% ../nbs/06_pecan.ipynb #2a5a2682
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,7 +19,7 @@ from .data import sample_responses, sequence_logprobs, to_dual_inputs
 from .train import PseudoPreferenceConfig, PseudoPreferenceTrainer
 from .mocan import MoCAN, RunFolder, win_rate, dual_summary, _digest
 
-# %% ../nbs/06_pecan.ipynb #20cff725
+# %% ../nbs/06_pecan.ipynb #a2c58e0d
 def _check_preferences(data, name:str)->Dataset:
     "`data` if it is a non-empty preference `Dataset`, else an actionable error."
     if not isinstance(data, Dataset):
@@ -48,7 +48,7 @@ def _preferences_digest(data:Dataset)->str:
     cols = [c for c in ("prompt", "chosen", "rejected", "label", "prompt_ids", "chosen_ids", "rejected_ids") if c in data.column_names]
     return _digest([cols] + [list(data[c]) for c in cols])
 
-# %% ../nbs/06_pecan.ipynb #64cf73fe
+# %% ../nbs/06_pecan.ipynb #5c7ee2bc
 def adapter_logprobs(model:PeftModel, # peft model holding the adapters
                      tokenizer, # its tokenizer
                      data, # rows with prompt and response (or `prompt_ids`/`response_ids`)
@@ -65,7 +65,7 @@ def adapter_logprobs(model:PeftModel, # peft model holding the adapters
     with model.disable_adapter(): out["ref_logp"] = sequence_logprobs(model, tokenizer, data, batch_size, progress=False)
     return out
 
-# %% ../nbs/06_pecan.ipynb #1178f3e9
+# %% ../nbs/06_pecan.ipynb #b0ed44e6
 class PeCAN(MoCAN):
     "Preference-based constrained alignment: prealign, collect, dual, label, train and evaluate, each stage saved and resumable."
     def __init__(self,
@@ -96,20 +96,15 @@ class PeCAN(MoCAN):
                 ):
         self.preferences = preference_sets(helpful_data, safety_data)
         self.safety = [k for k in self.preferences if k != "helpful"]
-        if not len(prompts): raise ValueError("`prompts` is empty; pass the training prompts")
-        if n_samples < 2: raise ValueError(f"`n_samples` must be >= 2 (pairs need two responses); got {n_samples}")
-        if not beta > 0: raise ValueError(f"`beta` must be > 0 (the KL coefficient); got {beta}")
+        self._keep_run_settings(policy, tokenizer, prompts, beta, n_samples, output_dir, eval_prompts, pairs, labels, seed,
+                                evaluator, n_eval, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                batch_size=batch_size, chat_template=chat_template)
         m = len(self.safety)
         self.margins = None if margins is None else _thresholds(margins, m, "margins")
         self.beta_r = float(beta if beta_r is None else beta_r)
         self.beta_g = _thresholds(beta if beta_g is None else beta_g, m, "beta_g")
         if not (self.beta_r > 0 and (self.beta_g > 0).all()):
             raise ValueError(f"`beta_r` and `beta_g` must be positive DPO temperatures; got {beta_r} and {beta_g}")
-        self.policy, self.tokenizer, self.prompts, self.beta = policy, tokenizer, list(prompts), float(beta)
-        self.eval_prompts = list(eval_prompts) if eval_prompts is not None else self.prompts
-        self.sampling = dict(n=n_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             batch_size=batch_size, seed=seed, chat_template=chat_template)
-        self.pairs, self.labels, self.seed = pairs, labels, seed
         self.prealign_args, self.train_args = dict(prealign_args or {}), dict(train_args or {})
         for arg, given in (("prealign_args", self.prealign_args), ("train_args", self.train_args)):
             for k in ("output_dir", "beta"):
@@ -117,8 +112,6 @@ class PeCAN(MoCAN):
             if not given.get("use_lora", True):
                 raise ValueError(f"`{arg}` sets `use_lora=False`; PeCAN keeps pi_ref as the base model with its adapters "
                                  "disabled, so every model it trains is a LoRA adapter")
-        self.evaluator, self.n_eval = evaluator, n_eval
-        self.run_folder, self.model, self._model_key, self._keys = RunFolder(output_dir), None, None, {}
 
     def beta_of(self, name:str)->float:
         "DPO temperature of the adapter `name`: beta_r for 'helpful', the matching beta_g for a safety set."
@@ -129,7 +122,7 @@ class PeCAN(MoCAN):
         "Columns of the collected data: log pi_r, then log pi_g for each safety set."
         return [f"{k}_logp" for k in self.preferences]
 
-# %% ../nbs/06_pecan.ipynb #83c2e971
+# %% ../nbs/06_pecan.ipynb #b3fd6919
 @patch
 def prealign(self:PeCAN)->dict:
     "Stage `prealign`: DPO of pi_r and of every pi_g, one LoRA adapter each; returns adapter name -> folder."
@@ -162,7 +155,7 @@ def _prealigned(self:PeCAN):
     try: yield model.eval()
     finally: self.policy = model.unload()
 
-# %% ../nbs/06_pecan.ipynb #5b5532d0
+# %% ../nbs/06_pecan.ipynb #f76220f6
 @patch
 def collect(self:PeCAN)->Dataset:
     "Stage `collect`: sample `n_samples` responses per prompt from pi_ref; log-probs under pi_ref, pi_r and every pi_g."
@@ -183,7 +176,7 @@ def collect(self:PeCAN)->Dataset:
     self.run_folder.finish("collect", key, settings)
     return data
 
-# %% ../nbs/06_pecan.ipynb #dd511b37
+# %% ../nbs/06_pecan.ipynb #4f95e575
 @patch
 def _implicit(self:PeCAN, data:Dataset)->tuple:
     "(M, N) log pi_ref, (M, N) log pi_r, (M, N, m) log pi_g and the (M, N) mask of collected data."
@@ -215,13 +208,13 @@ def dual(self:PeCAN)->dict:
     self.run_folder.finish("dual", key, settings, out)
     return self.run_folder.result("dual")
 
-# %% ../nbs/06_pecan.ipynb #61608ebd
+# %% ../nbs/06_pecan.ipynb #d3ee6262
 @patch
 def _label_columns(self:PeCAN)->dict:
     "The implicit rewards: log-prob columns of pi_r and the pi_g with their temperatures, against log pi_ref."
     return dict(reward="helpful_logp", safety=self.logp_columns[1:], beta_r=self.beta_r, beta_g=self.beta_g, ref_logp="ref_logp")
 
-# %% ../nbs/06_pecan.ipynb #5b9054d2
+# %% ../nbs/06_pecan.ipynb #d620b0e9
 @patch
 def _sampled_implicit(self:PeCAN, model:PeftModel)->dict:
     "Implicit-reward means of the trained policy and of pi_ref on sampled responses, win rates and a Monte Carlo KL."

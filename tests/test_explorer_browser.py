@@ -117,6 +117,20 @@ def test_explorer_in_jupyterlab(jupyterlab):
             # drag by keyboard: five steps to the right
             readout = page.locator('.sd-threshold .widget-readout')
             assert float(readout.inner_text()) == 0.5
+
+            def type_threshold(text):
+                "Type a threshold into the slider's readout, as a user would."
+                readout.click()
+                page.keyboard.press('Control+A')
+                page.keyboard.type(text)
+                page.keyboard.press('Enter')
+
+            def wait_for_lam(b):
+                "Wait until the explorer shows solve_dual's lam* for threshold `b`; return that lam*."
+                want = solve_dual(rewards, safety, b, 0.5).lam[0]
+                page.wait_for_function(f"document.querySelector('.sd-lam').innerText === 'lam* = {want:.6g}'")
+                return want
+
             handle.focus()
             moved = time.monotonic()
             for _ in range(5):
@@ -125,19 +139,14 @@ def test_explorer_in_jupyterlab(jupyterlab):
                 page.wait_for_function(f"document.querySelector('.sd-threshold .widget-readout').innerText !== '{shown_b}'")
             b = float(readout.inner_text())
             assert b > 0.5
-            want = solve_dual(rewards, safety, b, 0.5).lam[0]
-            page.wait_for_function(f"document.querySelector('.sd-lam').innerText === 'lam* = {want:.6g}'")
+            want = wait_for_lam(b)
             keyboard_s = time.monotonic() - moved
             shown = lam_shown(page)
             assert shown != before and abs(shown - want) <= 1e-5 * max(1, want), (shown, want)
 
             # type a threshold into the readout
-            readout.click()
-            page.keyboard.press('Control+A')
-            page.keyboard.type('0.8')
-            page.keyboard.press('Enter')
-            want = solve_dual(rewards, safety, 0.8, 0.5).lam[0]
-            page.wait_for_function(f"document.querySelector('.sd-lam').innerText === 'lam* = {want:.6g}'")
+            type_threshold('0.8')
+            wait_for_lam(0.8)
 
             # the plots follow once the slider rests: the caption names the marked threshold
             page.wait_for_function("document.querySelector('.sd-caption').innerText.includes('b = 0.8')")
@@ -146,18 +155,11 @@ def test_explorer_in_jupyterlab(jupyterlab):
             page.screenshot(path=str(ARTIFACTS / 'explorer_browser.png'), full_page=True)
 
             # past the feasible edge: a message, no crash; back inside: numbers again
-            readout.click()
-            page.keyboard.press('Control+A')
-            page.keyboard.type(f'{safety.max(1).mean() + 0.05:.4f}')
-            page.keyboard.press('Enter')
+            type_threshold(f'{safety.max(1).mean() + 0.05:.4f}')
             page.wait_for_function("document.querySelector('.sd-message').innerText.includes('Past the feasible edge')")
             assert 'infeasible' in page.inner_text('.sd-lam')
-            readout.click()
-            page.keyboard.press('Control+A')
-            page.keyboard.type('0.6')
-            page.keyboard.press('Enter')
-            want = solve_dual(rewards, safety, 0.6, 0.5).lam[0]
-            page.wait_for_function(f"document.querySelector('.sd-lam').innerText === 'lam* = {want:.6g}'")
+            type_threshold('0.6')
+            wait_for_lam(0.6)
             assert page.inner_text('.sd-message').strip() == ''
         except Exception:
             page.screenshot(path=str(ARTIFACTS / 'explorer_browser_failure.png'), full_page=True)
