@@ -2,6 +2,7 @@
 resumed sampling run, and invariances of `sequence_logprobs` and `to_dual_inputs`."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def test_two_processes_equal_one(tmp_path, reference):
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)], tmp_path / "samples", 0.0)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    reports = sorted((json.loads(line) for line in out.splitlines() if line.startswith('{"process"')), key=str)
+    # the two processes share stdout, so their reports can land on one line: find each JSON object, not each line
+    reports = sorted((json.loads(m) for m in re.findall(r'\{"process"[^}]*\}', out)), key=str)
     assert reports == [{"process": i, "processes": 2, "rows": 12} for i in range(2)], out
     assert load_samples(tmp_path / "samples").to_dict() == reference
 
