@@ -9,6 +9,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -29,10 +30,12 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from .data import _eval_mode
 from .dual import DualResult, solve_dual
 
+logger = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['EOS_TOKEN', 'ToyConfig', 'toy_tokenizer', 'toy_prompts', 'toy_responses', 'toy_reward', 'toy_harm',
-           'enumerate_logprobs', 'base_tables', 'ToyWorld', 'toy_cache_file', 'load_toy_world', 'exact_logprobs',
-           'exact_policy', 'exact_metrics', 'exact_optimum', 'plot_world', 'toy_preferences']
+__all__ = ['logger', 'EOS_TOKEN', 'ToyConfig', 'toy_tokenizer', 'toy_prompts', 'toy_responses', 'toy_reward', 'toy_harm',
+           'one_thread', 'enumerate_logprobs', 'base_tables', 'ToyWorld', 'toy_cache_file', 'load_toy_world',
+           'exact_logprobs', 'exact_policy', 'exact_metrics', 'exact_optimum', 'plot_world', 'toy_preferences']
 
 # %% ../nbs/02_toy.ipynb #4e541731
 EOS_TOKEN = "<|endoftext|>"
@@ -127,7 +130,7 @@ def toy_harm(prompts:Sequence[str], # (n,) prompts, space-separated words
 
 # %% ../nbs/02_toy.ipynb #28cb4c95
 @contextmanager
-def _one_thread(device):
+def one_thread(device):
     "One CPU thread: at width 32 thread handoffs cost more than they save (8x slower with 2 threads on a busy 2-core box)."
     old = torch.get_num_threads()
     if device.type == "cpu": torch.set_num_threads(1)
@@ -183,7 +186,7 @@ def enumerate_logprobs(model, # causal LM over [EOS] + T words (ids 0..T); trans
                          f"{n_words + 1} (EOS and the words); any other token would carry mass outside it.")
     leaves = _leaves(n_words, max_len)
     per_pass = max(1, batch_size // len(leaves))
-    with _eval_mode(model), torch.no_grad(), _one_thread(model.device):
+    with _eval_mode(model), torch.no_grad(), one_thread(model.device):
         return torch.cat([_assemble(_next_logps(model, prompt_ids[s:s + per_pass], leaves), leaves)
                           for s in range(0, len(prompt_ids), per_pass)]).numpy()
 
@@ -350,8 +353,9 @@ def load_toy_world(cache_dir:str|Path|None=None, # default: $SAFE_DUAL_CACHE or 
         load_model(model, path)
         with safe_open(path, "pt") as f: fit_kl = float(f.metadata()["fit_kl"])
     else:
+        logger.info("[toy] building the toy world once (about 20 s); cached in %s", path)
         ids = torch.tensor(tokenizer(prompts + eval_prompts).input_ids)
-        with _one_thread(model.device):
+        with one_thread(model.device):
             fit_kl = _fit_reference(model, config, ids, base_tables(config, prompts + eval_prompts))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
