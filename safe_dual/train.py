@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from .data import _pad, _pair_ids, response_logprobs, sequence_logprobs
+from .data import pad, pair_ids, response_logprobs, sequence_logprobs
 
 # %% ../nbs/04_train.ipynb #b1d556d8
 def soft_dpo_loss(
@@ -271,13 +271,13 @@ def _tokenized(dataset, tokenizer, chat_template, listwise):
         repeat = lambda col: [x for x, k in zip(dataset[col], counts) for _ in range(k)]
         flat = {c: repeat(c) for c in ("prompt", "prompt_ids") if c in dataset.column_names}
         flat["response"] = [r for rs in dataset["responses"] for r in rs]
-        prompt_ids, response_ids = _pair_ids(tokenizer, flat, "prompt", "response", chat_template, True)
+        prompt_ids, response_ids = pair_ids(tokenizer, flat, "prompt", "response", chat_template, True)
         starts = np.cumsum([0] + counts)[:-1]
         if "prompt_ids" not in dataset.column_names: dataset = dataset.add_column("prompt_ids", [prompt_ids[s] for s in starts])
         return dataset.add_column("response_ids", [response_ids[s:s + k] for s, k in zip(starts, counts)])
     for side in ("chosen", "rejected"):
         if f"{side}_ids" in dataset.column_names and "prompt_ids" in dataset.column_names: continue
-        prompt_ids, response_ids = _pair_ids(tokenizer, dataset, "prompt", side, chat_template, True)
+        prompt_ids, response_ids = pair_ids(tokenizer, dataset, "prompt", side, chat_template, True)
         if "prompt_ids" not in dataset.column_names: dataset = dataset.add_column("prompt_ids", prompt_ids)
         if f"{side}_ids" not in dataset.column_names: dataset = dataset.add_column(f"{side}_ids", response_ids)
     return dataset
@@ -295,7 +295,7 @@ def _check_tokens(dataset, name, listwise):
 # %% ../nbs/04_train.ipynb #2a2bf7e3
 def _sequences(prompt_ids, response_ids, pad_token_id):
     "Right-padded prompt+response ids, attention mask and response mask for a list of sequences."
-    input_ids, attention_mask = _pad([p + r for p, r in zip(prompt_ids, response_ids)], pad_token_id)
+    input_ids, attention_mask = pad([p + r for p, r in zip(prompt_ids, response_ids)], pad_token_id)
     response_mask = torch.zeros_like(attention_mask)
     for k, (p, r) in enumerate(zip(prompt_ids, response_ids)): response_mask[k, len(p):len(p) + len(r)] = 1
     return dict(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
