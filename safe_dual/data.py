@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import types
@@ -35,18 +36,43 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'SAMPLE_FEATURES', 'SMOLLM2_WHEEL', 'SMOLLM2_GGUF', 'encode_prompts', 'pad', 'response_logprobs', 'pair_ids',
-           'sequence_logprobs', 'weights_digest', 'tokenizer_digest', 'load_samples', 'sample_responses',
-           'CallableScorer', 'HFScoreModel', 'score', 'scorer_digest', 'to_dual_inputs', 'quiet_third_party',
-           'load_smollm2']
+__all__ = ['logger', 'SAMPLE_FEATURES', 'SMOLLM2_WHEEL', 'SMOLLM2_GGUF', 'progress_enabled', 'show_progress', 'encode_prompts',
+           'pad', 'response_logprobs', 'pair_ids', 'sequence_logprobs', 'weights_digest', 'tokenizer_digest',
+           'load_samples', 'sample_responses', 'CallableScorer', 'HFScoreModel', 'score', 'scorer_digest',
+           'to_dual_inputs', 'quiet_third_party', 'load_smollm2']
+
+# %% ../nbs/03_data.ipynb #74830d3d
+_PROGRESS = {"enabled": True}
+
+def progress_enabled() -> bool:
+    "Whether the package's progress bars are on (see `show_progress`)."
+    return _PROGRESS["enabled"]
+
+@contextmanager
+def show_progress(enabled:bool=True, # False: no bar of this package is shown inside the context
+                 ):
+    "Turn this package's progress bars on or off inside the context, restoring the previous setting on exit."
+    before, _PROGRESS["enabled"] = _PROGRESS["enabled"], enabled
+    try: yield
+    finally: _PROGRESS["enabled"] = before
 
 # %% ../nbs/03_data.ipynb #73145fd8
+def _prompt_list(prompts, name="prompts"):
+    "`prompts` as a list of strings; a bare string or a non-string item is refused by name."
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError(f"`{name}` must be a list of prompt strings; got the single string {prompts[:60]!r}. "
+                         f"Wrap it in a list: [{prompts[:60]!r}].")
+    prompts = list(prompts)
+    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if bad is not None: raise ValueError(f"`{name}[{bad}]` must be a string; got {prompts[bad]!r} ({type(prompts[bad]).__name__}).")
+    return prompts
+
 def encode_prompts(tokenizer, # a Hugging Face tokenizer
                    prompts:Sequence[str], # (M,) prompt texts
                    chat_template:bool=False, # wrap each prompt as a user turn of `tokenizer.chat_template`
                   ) -> list[list[int]]: # (M,) token ids of each prompt
     "Token ids of each prompt, plain or chat-formatted with the generation prompt appended."
-    prompts = list(prompts)
+    prompts = _prompt_list(prompts)
     if chat_template:
         if tokenizer.chat_template is None:
             raise ValueError("`chat_template=True` but the tokenizer has no chat template; set "
@@ -147,7 +173,7 @@ def sequence_logprobs(model, # causal LM (transformers or peft), on the device i
     order = np.argsort([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)], kind="stable")
     logps = np.zeros(len(order))
     with _eval_mode(model), torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc="log-probs", disable=not progress):
+        for start in tqdm(range(0, len(order), batch_size), desc="log-probs", disable=not progress or not progress_enabled()):
             rows = order[start:start + batch_size]
             ids, mask = pad([prompt_ids[i] + response_ids[i] for i in rows], pad_id)
             resp = torch.zeros_like(mask)
@@ -253,6 +279,22 @@ SAMPLE_FEATURES = Features({"prompt_id": Value("int64"), "sample_id": Value("int
 # %% ../nbs/03_data.ipynb #46b580d2
 def _shard_name(shard, n_shards): return f"shard-{shard:05d}-of-{n_shards:05d}"
 
+_HOST = socket.gethostname().replace("-", "_")
+
+def _pid_alive(pid):
+    "Whether a process with this id runs on this machine."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def _remove_dead_temps(out, shard):
+    "Remove temporary folders of `shard` left by killed processes of this machine; a live run's (or another machine's) stay."
+    for tmp in out.glob(f".tmp-{shard}-*"):
+        host, pid = (tmp.name.split("-")[-3:-1] + ["", ""])[:2]
+        if host == _HOST and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
 def _check_manifest(out, settings):
     "Write the settings to `out/manifest.json`, or check they equal the ones already there."
     path = out / "manifest.json"
@@ -294,8 +336,17 @@ def sample_responses(model, # causal LM = pi_ref (transformers or peft), on the 
                      progress:bool=True, # show a progress bar
                     ) -> Dataset: # M*N rows, prompt-major
     "Sample `n` responses per prompt from `model`, with token ids, EOS flag and temperature-1 `ref_logp`."
-    prompts = list(prompts)
+    prompts = _prompt_list(prompts)
     if len(prompts) == 0: raise ValueError("`prompts` is empty; pass at least one prompt.")
+    for name, value in [("n", n), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                        ("batches_per_shard", batches_per_shard), ("seed", seed)]:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"`{name}` must be an integer; got {value!r} ({type(value).__name__}).")
+    for name, value in [("temperature", temperature), ("top_p", top_p)]:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"`{name}` must be a number; got {value!r} ({type(value).__name__}).")
+    n, max_new_tokens, batch_size, batches_per_shard, seed = map(int, (n, max_new_tokens, batch_size, batches_per_shard, seed))
+    temperature, top_p = float(temperature), float(top_p)
     for name, value, ok in [("n", n, n >= 1), ("max_new_tokens", max_new_tokens, max_new_tokens >= 1),
                             ("batch_size", batch_size, batch_size >= 1), ("batches_per_shard", batches_per_shard, batches_per_shard >= 1),
                             ("temperature", temperature, temperature > 0), ("top_p", top_p, 0 < top_p <= 1), ("seed", seed, seed >= 0)]:
@@ -328,9 +379,10 @@ def sample_responses(model, # causal LM = pi_ref (transformers or peft), on the 
     state = PartialState(cpu=model.device.type == "cpu")  # on CPU, a torchrun launch is multi-process only if asked for
     if output_dir is None:
         if state.num_processes > 1: raise ValueError("Sampling with several processes needs `output_dir` to merge their shards.")
-        with _eval_mode(model), tqdm(total=n_batches, desc="sampling", disable=not progress) as bar:
+        with _eval_mode(model), tqdm(total=n_batches, desc="sampling", disable=not progress or not progress_enabled()) as bar:
             return concatenate_datasets([shard_rows(s, bar) for s in range(n_shards)])
     out = Path(output_dir)
+    if out.exists() and not out.is_dir(): raise ValueError(f"`output_dir` {out} is a file; give a folder (it is created when missing).")
     settings = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
                     seed=seed, chat_template=chat_template, batches_per_shard=batches_per_shard, n_shards=n_shards,
                     n_prompts=len(prompts), eos_ids=eos_ids, pad_id=pad_id, model=weights_digest(model), tokenizer=tokenizer_digest(tokenizer),
@@ -340,10 +392,10 @@ def sample_responses(model, # causal LM = pi_ref (transformers or peft), on the 
         todo = [s for s in mine if not (out / _shard_name(s, n_shards)).exists()]
         total = sum(min(batches_per_shard, n_batches - s * batches_per_shard) for s in todo)
         with _eval_mode(model), tqdm(total=total, desc=f"sampling (process {state.process_index})",
-                                     disable=not progress or not state.is_local_main_process) as bar:
+                                     disable=not progress or not progress_enabled() or not state.is_local_main_process) as bar:
             for s in todo:
-                for stale in out.glob(f".tmp-{_shard_name(s, n_shards)}-*"): shutil.rmtree(stale)  # left by a killed run
-                tmp = out / f".tmp-{_shard_name(s, n_shards)}-process{state.process_index}"
+                _remove_dead_temps(out, _shard_name(s, n_shards))
+                tmp = out / f".tmp-{_shard_name(s, n_shards)}-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}"
                 shard_rows(s, bar).save_to_disk(tmp)
                 os.replace(tmp, out / _shard_name(s, n_shards))
     state.wait_for_everyone()
@@ -360,8 +412,8 @@ class CallableScorer:
         self.fn, self.batched, self.version = fn, batched, version
 
     def __call__(self, prompts:Sequence[str], responses:Sequence[str]) -> np.ndarray:
-        if self.batched: return np.asarray(self.fn(list(prompts), list(responses)), dtype=np.float64)
-        return np.array([self.fn(p, r) for p, r in zip(prompts, responses)], dtype=np.float64)
+        if self.batched: return np.asarray(self.fn(list(prompts), list(responses)))
+        return np.array([self.fn(p, r) for p, r in zip(prompts, responses)])
 
 class HFScoreModel:
     "A scorer from a sequence-classification reward or cost model with a single output logit."
@@ -399,7 +451,7 @@ class HFScoreModel:
         order = np.argsort([len(x) for x in ids], kind="stable")
         scores, device = np.zeros(len(ids)), self.model.device
         with _eval_mode(self.model), torch.no_grad():
-            for start in tqdm(range(0, len(ids), self.batch_size), desc="scoring", disable=not self.progress):
+            for start in tqdm(range(0, len(ids), self.batch_size), desc="scoring", disable=not self.progress or not progress_enabled()):
                 rows = order[start:start + self.batch_size]
                 input_ids, mask = pad([ids[i] for i in rows], self.model.config.pad_token_id)
                 logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
@@ -416,7 +468,12 @@ def score(dataset:Dataset, # one row per (prompt, response)
     if not scorers: raise ValueError("`scorers` is empty; pass e.g. {'reward': reward_scorer, 'safety': safety_scorer}.")
     prompts, responses = _column(dataset, prompt_col), _column(dataset, response_col)
     for name, scorer in scorers.items():
-        values = np.asarray(scorer(prompts, responses), dtype=np.float64)
+        returned = scorer(prompts, responses)
+        try: values = np.asarray(returned, dtype=np.float64)
+        except (TypeError, ValueError):
+            first = next((v for v in np.ravel(np.asarray(returned, dtype=object)) if not isinstance(v, (int, float, np.number))), returned)
+            raise ValueError(f"Scorer `{name}` returned values that are not numbers (e.g. {first!r}); a scorer returns one "
+                             "float per (prompt, response) pair.") from None
         if values.shape != (len(dataset),):
             raise ValueError(f"Scorer `{name}` returned shape {values.shape} for {len(dataset)} rows; it must return one "
                              "score per (prompt, response) pair.")
@@ -522,6 +579,7 @@ def to_dual_inputs(dataset:Dataset, # scored samples with a `prompt_id` column
 
 # %% ../nbs/03_data.ipynb #13813c6d
 _THIRD_PARTY_LOGGERS = ("transformers", "datasets", "huggingface_hub")
+_THIRD_PARTY_MODULES = r"(transformers|datasets|huggingface_hub|accelerate|peft)(\.|$)"
 
 @contextmanager
 def quiet_third_party(verbose:bool=False, # let third-party progress bars and logs through unchanged
@@ -538,7 +596,11 @@ def quiet_third_party(verbose:bool=False, # let third-party progress bars and lo
         transformers.utils.logging.disable_progress_bar(); huggingface_hub.utils.disable_progress_bars()
         datasets.utils.disable_progress_bars()
     for name in _THIRD_PARTY_LOGGERS: logging.getLogger(name).setLevel(logging.ERROR)
-    try: yield
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=_THIRD_PARTY_MODULES)
+            yield
     finally:
         for name, level in levels.items(): logging.getLogger(name).setLevel(level)
         with warnings.catch_warnings():

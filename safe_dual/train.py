@@ -4,12 +4,17 @@
 
 # %% auto #0
 __all__ = ['LABEL_KINDS', 'LOSS_TYPES', 'SETTINGS_NAME', 'soft_dpo_loss', 'dpo_loss', 'listwise_loss', 'combined_rewards',
-           'preference_targets', 'pseudo_preference_pairs', 'pseudo_preference_lists', 'PseudoPreferenceConfig',
-           'PseudoPreferenceTrainer']
+           'preference_targets', 'pseudo_preference_pairs', 'pseudo_preference_lists', 'check_settings',
+           'PseudoPreferenceConfig', 'TrainProgress', 'PseudoPreferenceTrainer']
 
 # %% ../nbs/04_train.ipynb #a5bd8e42
+import dataclasses
+import difflib
 import math
-from contextlib import nullcontext
+import operator
+import types
+import typing
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,10 +24,13 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Trainer, TrainingArguments, set_seed
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.utils.notebook import NotebookProgressCallback
 
-from .data import pad, pair_ids, response_logprobs, sequence_logprobs
+from .data import pad, pair_ids, progress_enabled, response_logprobs, sequence_logprobs
 
 # %% ../nbs/04_train.ipynb #b1d556d8
 def soft_dpo_loss(
@@ -198,6 +206,112 @@ def pseudo_preference_lists(
     if "response_ids" in cols: out["response_ids"] = [[cols["response_ids"][int(i)] for i in rows] for rows in groups]
     return Dataset.from_dict(out)
 
+# %% ../nbs/04_train.ipynb #39b40fe9
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "!=": operator.ne}
+
+class _Invalid(ValueError):
+    "Problems found while checking one value (one message each)."
+    def __init__(self, *problems): super().__init__("\n".join(problems)); self.problems = list(problems)
+
+def _describe(tp) -> str:
+    "A type as a user reads it."
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType): return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is typing.Literal: return "one of " + ", ".join(map(repr, args))
+    if origin is list:
+        return "a list of " + {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}.get(
+            args[0] if args else None, "entries")
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
+        tp, "a mapping" if dataclasses.is_dataclass(tp) else getattr(tp, "__name__", str(tp)))
+
+def _number(value, name, integer):
+    "`value` as an int or float; numbers in strings are read, booleans are not numbers."
+    if isinstance(value, str):
+        try: value = float(value.strip()) if not integer or not value.strip().lstrip("+-").isdigit() else int(value)
+        except ValueError: raise _Invalid(f"`{name}` must be {'an integer' if integer else 'a number'}; got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f"`{name}` must be {'an integer' if integer else 'a number'}; got {value!r} ({type(value).__name__})")
+    if integer:
+        if isinstance(value, float) and not value.is_integer():
+            raise _Invalid(f"`{name}` must be an integer; got {value!r}")
+        return int(value)
+    return float(value)
+
+def _coerce(value, tp, name):
+    "`value` checked against the type `tp`, coerced where safe; raises `_Invalid` naming `name`."
+    if not isinstance(value, (type(None), bool, int, float, str, list, tuple, dict)): return value  # objects: their class checks them
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args: return None
+        members = [a for a in args if a is not type(None)]
+        exact = [a for a in members if typing.get_origin(a) is None and isinstance(a, type) and isinstance(value, a)
+                 and not (isinstance(value, bool) and a is not bool)]
+        problems = []
+        for member in exact + [a for a in members if a not in exact]:
+            try: return _coerce(value, member, name)
+            except _Invalid as e: problems += e.problems
+        nested = [p for p in problems if not p.startswith(f"`{name}` must be")]
+        raise _Invalid(*nested) if nested else _Invalid(f"`{name}` must be {_describe(tp)}; got {value!r}")
+    if origin is typing.Literal:
+        if value in args and not isinstance(value, bool): return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], 1)
+        raise _Invalid(f"`{name}` must be {_describe(tp)}; got {value!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if origin is list:
+        if not isinstance(value, (list, tuple)): raise _Invalid(f"`{name}` must be {_describe(tp)}; got {value!r}")
+        item, problems, out = (args or (typing.Any,))[0], [], []
+        for i, v in enumerate(value):
+            try: out.append(_coerce(v, item, f"{name}[{i}]"))
+            except _Invalid as e: problems += e.problems
+        if problems: raise _Invalid(*problems)
+        return out
+    if tp is bool:
+        if isinstance(value, bool): return value
+        raise _Invalid(f"`{name}` must be true or false; got {value!r}")
+    if tp in (int, float): return _number(value, name, tp is int)
+    if tp is str:
+        if isinstance(value, str): return value
+        raise _Invalid(f"`{name}` must be a string; got {value!r} ({type(value).__name__})")
+    if origin is dict or tp is dict:
+        if isinstance(value, dict): return value
+        raise _Invalid(f"`{name}` must be a mapping of settings; got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp): return value
+        if not isinstance(value, dict): raise _Invalid(f"`{name}` must be a mapping of settings; got {value!r}")
+        values, problems = check_settings(tp, value, prefix=f"{name}.")
+        if problems: raise _Invalid(*problems)
+        return tp(**values)
+    return value  # other types (enums, configs of other libraries) are checked by the class that takes them
+
+def _check_range(value, rules, name):
+    "Problems of `value` (a number or a list of numbers) against `rules`: (op, bound) or (op, bound, hint)."
+    problems = []
+    for op, bound, *hint in rules:
+        items = value if isinstance(value, list) else [value]
+        bad = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool) and not _OPS[op](v, bound)]
+        if bad: problems.append(f"`{name}` must be {op} {bound}{' (' + hint[0] + ')' if hint else ''}; got {value!r}")
+    return problems
+
+def check_settings(cls:type, # a dataclass whose fields are the accepted settings; `cls.checks` holds its ranges
+                   settings:dict, # name -> value, e.g. read from a YAML file
+                   prefix:str="", # how the settings are named in messages, e.g. "train."
+                  ) -> tuple[dict, list[str]]: # the coerced settings, and one message per problem (empty: all good)
+    "Check `settings` against `cls`'s fields: unknown names (with a suggestion), types (coerced where safe), ranges, required."
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints, checks = typing.get_type_hints(cls), getattr(cls, "checks", {})
+    values, problems = {}, []
+    for key, value in settings.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), 1)
+            problems.append(f"unknown setting `{prefix}{key}`" + (f"; did you mean `{prefix}{close[0]}`?" if close else ""))
+            continue
+        try: values[key] = _coerce(value, hints.get(key, typing.Any), prefix + key)
+        except _Invalid as e: problems += e.problems; continue
+        problems += _check_range(values[key], checks.get(key, ()), prefix + key)
+    for key, f in fields.items():
+        if key not in settings and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"`{prefix}{key}` is required")
+    return values, problems
+
 # %% ../nbs/04_train.ipynb #22eb528e
 LOSS_TYPES = LABEL_KINDS + ("listwise",)
 
@@ -219,21 +333,24 @@ class PseudoPreferenceConfig(TrainingArguments):
         "before training; otherwise each step runs the model with its adapter disabled."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the preference columns for the collator."})
 
+    checks: typing.ClassVar = {
+        "beta": [(">", 0, "the KL coefficient, e.g. 0.1")], "learning_rate": [(">", 0)],
+        "num_train_epochs": [(">", 0, "0 epochs would train nothing")], "max_steps": [(">=", -1), ("!=", 0, "-1: train for `num_train_epochs`")],
+        "per_device_train_batch_size": [(">=", 1)], "per_device_eval_batch_size": [(">=", 1)],
+        "gradient_accumulation_steps": [(">=", 1)], "lora_r": [(">=", 1)], "lora_alpha": [(">", 0)],
+        "lora_dropout": [(">=", 0), ("<", 1)], "warmup_steps": [(">=", 0)], "weight_decay": [(">=", 0)]}
+
     def __post_init__(self):
-        super().__post_init__()
-        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"`beta`={self.beta!r} must be a positive number (the KL coefficient), e.g. 0.1.")
+        values, problems = check_settings(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init})
+        if problems: raise ValueError("; ".join(problems))
+        for name, value in values.items(): setattr(self, name, value)
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"`loss_type`={self.loss_type!r} is not one of {LOSS_TYPES}.")
-        if self.use_lora and not (isinstance(self.lora_r, int) and self.lora_r >= 1):
-            raise ValueError(f"`lora_r`={self.lora_r!r} must be a positive integer rank, e.g. 8.")
-        if self.use_lora and not self.lora_alpha > 0:
-            raise ValueError(f"`lora_alpha`={self.lora_alpha!r} must be positive, e.g. twice `lora_r`.")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"`lora_dropout`={self.lora_dropout!r} must be in [0, 1).")
+            raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}; got {self.loss_type!r}")
         if self.remove_unused_columns:
             raise ValueError("`remove_unused_columns=True` would drop the preference columns the collator needs; "
                              "leave it False.")
+        if not torch.accelerator.is_available(): self.dataloader_pin_memory = False  # pinning needs an accelerator
+        super().__post_init__()
 
 # %% ../nbs/04_train.ipynb #880f8706
 def _check_pairs(dataset, name):
@@ -334,6 +451,26 @@ def _prepared(dataset, name, tokenizer, args):
     return dataset
 
 # %% ../nbs/04_train.ipynb #3e15a784
+class TrainProgress(TrainerCallback):
+    "A tqdm bar over the optimizer steps showing the last logged loss, on the main process."
+    bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=args.disable_tqdm or not state.is_world_process_zero or not progress_enabled())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None: self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("train/loss", (logs or {}).get("loss"))
+        if self.bar is not None and loss is not None: self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None: self.bar.close()
+        self.bar = None
+
+# %% ../nbs/04_train.ipynb #3126a8c7
 SETTINGS_NAME = "pseudo_preference_config.json"
 _TOTALS = ("loss_sum", "pairs", "agree", "decided", "margin_sum", "kl_sum", "responses")
 
@@ -365,6 +502,8 @@ class PseudoPreferenceTrainer(Trainer):
         collate = _collate_lists if args.loss_type == "listwise" else _collate_pairs
         super().__init__(model=model, args=args, data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer, **kwargs)
+        for printer in (PrinterCallback, ProgressCallback, NotebookProgressCallback): self.remove_callback(printer)
+        self.add_callback(TrainProgress)
         self._totals = {mode: torch.zeros(len(_TOTALS), dtype=torch.float64) for mode in ("train", "eval")}
         if args.precompute_ref:
             self.train_dataset = self._with_ref_logps(self.train_dataset)
