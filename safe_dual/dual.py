@@ -14,8 +14,14 @@ __all__ = ['dual_objective', 'InfeasibleConstraintError', 'DualResult', 'solve_d
 
 # %% ../nbs/00_dual.ipynb #05496d10
 def _to_numpy(x, name, dtype=np.float64):
-    "`x` (numpy array, torch tensor, list or number) as a numpy array of `dtype`."
-    if hasattr(x, 'detach'): x = (x.detach().cpu().bool() if dtype is bool else x.detach().cpu().double()).numpy()
+    "`x` (numpy array, torch tensor, list or number) as a numpy array of `dtype`; complex values are refused."
+    if x is None: raise ValueError(f"`{name}` is None; pass a number or an array")
+    if hasattr(x, 'detach'):
+        if x.is_complex(): x = x.detach().cpu().numpy()
+        else: x = (x.detach().cpu().bool() if dtype is bool else x.detach().cpu().double()).numpy()
+    if np.iscomplexobj(x):
+        raise ValueError(f"`{name}` must be real; got complex values (dtype {np.asarray(x).dtype}). Pass real scores "
+                         "(e.g. `x.real` if the imaginary part is an artifact)")
     try: return np.asarray(x, dtype=dtype)
     except (TypeError, ValueError) as e:
         raise ValueError(f"`{name}` must be a numeric array or tensor; got {type(x).__name__}") from e
@@ -95,8 +101,8 @@ def _prepare(rewards, # (M, N) scores r(x, y)
     base, pool = work[0], list(work[len(work) - buffers:])
     g, gg = work[-m - n_pairs - buffers:-n_pairs - buffers], work[-n_pairs - buffers:-buffers]
     if support is None:
-        if not (np.isfinite(rewards.sum()) and np.isfinite(safety.sum())):
-            _check_finite(rewards, 'rewards', None); _check_finite(safety, 'safety', None)
+        if not (np.isfinite(rewards.sum()) and np.isfinite(safety.sum())):  # indices in the caller's (M, N, m) order
+            _check_finite(rewards, 'rewards', None); _check_finite(np.moveaxis(safety, 0, 2), 'safety', None)
         r_max, g_max = rewards.max(1), safety.max(2)
         np.subtract(rewards, r_max[:, None], out=base)
         base *= 1 / beta
@@ -136,26 +142,43 @@ def _evaluate(P:_Problem, lam, thresholds)->_State:
     "Dual value and gradient at `lam` >= 0 with one pass of `exp` over the scores."
     p = P.pool.pop() if P.pool else np.empty_like(P.base)
     on = [k for k in range(len(lam)) if lam[k] > 0]
-    if not on: np.exp(P.base, out=p)
+    with np.errstate(over='ignore'): coef = lam / P.beta
+    if not coef.max(initial=0.0) <= 1e300: p[...] = 0.0  # lam.g / beta may overflow: `_state` redoes every prompt
+    elif not on: np.exp(P.base, out=p)
     else:
-        np.multiply(P.g[on[0]], lam[on[0]] / P.beta, out=p)
+        np.multiply(P.g[on[0]], coef[on[0]], out=p)
         p += P.base
-        for k in on[1:]: p += (lam[k] / P.beta) * P.g[k]
+        for k in on[1:]: p += coef[k] * P.g[k]
         np.exp(p, out=p)
+    return _state(P, lam, thresholds, p)
+
+def _exponents(P:_Problem, lam, rows):
+    "Exponents of prompts `rows` relative to their maximum, and that maximum, for any lam >= 0 (even lam / beta = inf)."
+    scale = lam.max() if lam.max() > 0 else 1.0
+    u = np.tensordot(lam / scale, P.g[:, rows], 1)  # (R, N) <= 0: the direction of lam, which decides for huge lam
+    if P.support is not None: u[~P.support[rows]] = -np.inf
+    u_max = u.max(1, keepdims=True)
+    with np.errstate(over='ignore', invalid='ignore'):
+        z = P.base[rows] + np.where(u == u_max, 0.0, (scale / P.beta) * (u - u_max))  # 0 * inf never formed
+        z_max = z.max(1)
+        return z - z_max[:, None], z_max + np.where(u_max[:, 0] == 0, 0.0, (scale / P.beta) * u_max[:, 0])
+
+def _state(P:_Problem, lam, thresholds, p)->_State:
+    "The dual's value, gradient and per-prompt sums from the unnormalized tilted weights `p` at `lam`."
     s0 = p.sum(1)
     log_norm = P.top.copy()
-    rows = np.flatnonzero(s0 < 1e-200)
-    if len(rows):
-        z = P.base[rows] + np.tensordot(lam / P.beta, P.g[:, rows], 1)
-        z_max = z.max(1)
-        p[rows] = np.exp(z - z_max[:, None])
+    rows = np.flatnonzero(s0 < 1e-100)  # also keeps s0 ** 2 (in the ESS) clear of underflow
+    if len(rows):  # all exponents of these prompts underflowed: recompute them relative to their largest
+        z, z_max = _exponents(P, lam, rows)
+        p[rows] = np.exp(z)
         s0[rows] = p[rows].sum(1)
         log_norm[rows] += z_max
     log_norm += np.log(s0)
     eg = np.empty((len(P.g), len(p)))
     for k, gk in enumerate(P.g): eg[k] = np.einsum('ij,ij->i', p, gk) / s0
     M = len(p)  # means over prompts as sums / M: np.mean's overhead is not negligible at this size
-    value = (P.beta * log_norm.sum() + P.r_max.sum()) / M + lam @ (P.reach - thresholds)
+    with np.errstate(over='ignore', invalid='ignore'):
+        value = (P.beta * log_norm.sum() + P.r_max.sum()) / M + lam @ (P.reach - thresholds)
     return _State(lam, float(value), eg.sum(1) / M + P.reach - thresholds, p, s0, log_norm, eg)
 
 def _release(P:_Problem, *states):
@@ -176,6 +199,10 @@ def _hessian(P:_Problem, st:_State)->np.ndarray:
 # %% ../nbs/00_dual.ipynb #cc8b2449
 def _thresholds(thresholds, m, name='thresholds'):
     "`thresholds` as a finite float array of shape (m,)."
+    if thresholds is None and name == 'thresholds':
+        raise ValueError("`thresholds` is None: `solve_dual` needs a number per safety score. (None means "
+                         "'unconstrained' only in MoCAN/PeCAN; for the unconstrained policy use lam = 0, e.g. "
+                         "`tilted_weights(rewards, safety, 0.0, beta)`.)")
     b = _to_numpy(thresholds, name)
     if b.ndim > 1 or (b.ndim == 1 and len(b) != m):
         raise ValueError(f"`{name}` must be a number or have shape ({m},) (one per safety score); got shape {b.shape}")
@@ -340,9 +367,44 @@ def _newton(P:_Problem, thresholds, lam, tol, max_iter):
     return st, max_iter, bool((np.abs(_projected_grad(st)) <= tol_abs).all()), evals
 
 # %% ../nbs/00_dual.ipynb #8c444c70
+_SPREAD0, _TEMPER_STEP = 200.0, 10.0  # exponent spread where tempering starts; growth of the reward scale per phase
+
+def _spread(P:_Problem)->float:
+    "The exponent spread E_x (max_y r - min_y r) / beta over the support, on at most 128 evenly spaced prompts."
+    rows = slice(None, None, max(1, len(P.base) // 128))  # a trigger, not an estimate: a full pass would cost 4% of a solve
+    return float(-(P.base[rows].min(1) if P.r is None else P.r[rows].min(1) / P.beta).mean())
+
+def _tempered(P:_Problem, a)->_Problem:
+    "The prepared problem with rewards a * r (0 < a < 1): the same safety scores, exponent spread a times smaller."
+    m = len(P.g)
+    if P.r is None:  # base = (r - r_max) / beta
+        base, top, r = a * P.base, P.top, None
+        floor = a * (P.r_max + P.beta * P.base.min(1)) + P.beta * top if m > 1 else P.floor
+    else:  # base = (r - r_max) / beta + log w - top
+        z = P.base - ((1 - a) / P.beta) * P.r
+        shift = z.max(1)
+        base, top, r = z - shift[:, None], P.top + shift, a * P.r
+        floor = a * P.r_max + P.beta * (np.where(P.support, z, np.inf).min(1) + P.top) if m > 1 else P.floor
+    return _Problem(P.beta, base, top, a * P.r_max, r, P.g, P.g_max, P.gg, P.pairs, P.support, floor, P.reach,
+                    [np.empty_like(base), np.empty_like(base)], P.g_low)
+
+def _newton_tempered(P:_Problem, thresholds, tol, max_iter):
+    "Newton from lam = 0 through the tempered problems a_k r up to a = 1; returns (state, iterations, converged, evaluations)."
+    a = _SPREAD0 / _spread(P)
+    lam, iterations, evaluations = np.zeros(len(P.g)), 0, 0
+    while a < 1:
+        st, it, _, evals = _newton(_tempered(P, a), thresholds, lam, tol, max_iter - iterations)
+        iterations, evaluations = iterations + it, evaluations + evals
+        a_next = min(1.0, _TEMPER_STEP * a)
+        lam, a = st.lam * (a_next / a), a_next
+    st, it, ok, evals = _newton(P, thresholds, lam, tol, max_iter - iterations)
+    return st, iterations + it, ok, evaluations + evals
+
+# %% ../nbs/00_dual.ipynb #5529853b
 def _pgd(P:_Problem, thresholds, lam0, lr=1.0, max_iter=200, restarts=5, window=5, atol=1e-5):
     "The authors' projected gradient with restarts; returns (state, iterations, converged, evaluations)."
     step, iterations, st = 2 * lr, 0, None
+    scale = max(np.abs(P.g_max).max(), np.abs(thresholds).max(), 1e-300)  # settled iterates with a larger residual moved too little
     for _ in range(restarts + 1):
         lam, history = lam0.copy(), []
         for _ in range(max_iter):
@@ -353,7 +415,8 @@ def _pgd(P:_Problem, thresholds, lam0, lr=1.0, max_iter=200, restarts=5, window=
             history.append(lam)
             if len(history) >= window and np.ptp(history[-window:], axis=0).max() < atol:
                 _release(P, st)
-                return _evaluate(P, lam, thresholds), iterations, True, iterations + 1
+                st = _evaluate(P, lam, thresholds)
+                return st, iterations, bool(np.abs(_projected_grad(st)).max() <= 1e-3 * scale), iterations + 1
         step /= 2
     return st, iterations, False, iterations
 
@@ -393,14 +456,42 @@ def _result(P:_Problem, st:_State, iterations, converged, evaluations, return_we
                       st.p / st.s0[:, None] if return_weights else None, int(evaluations))
 
 # %% ../nbs/00_dual.ipynb #59e955d0
+def _positive(value, name, what):
+    "`value` as a finite float > 0, or a `ValueError` naming `name`."
+    try: x = float(value)
+    except (TypeError, ValueError): x = None
+    if x is None or not np.isfinite(x) or x <= 0 or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be a finite number > 0 ({what}); got {value!r}")
+    return x
+
+def _count(value, name, what):
+    "`value` as an int >= 1, or a `ValueError` naming `name`."
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1 ({what}); got {value!r}")
+    return int(value)
+
+def _solver_settings(method, tol, max_iter, lr)->tuple:
+    "Validated (tol, max_iter, lr) of the solvers, with the method's default iteration cap."
+    if method not in ('newton', 'pgd'): raise ValueError(f"`method` must be 'newton' or 'pgd'; got {method!r}")
+    tol = _positive(tol, 'tol', 'the KKT residual tolerance, e.g. 1e-10')
+    lr = _positive(lr, 'lr', 'the pgd step size, e.g. 1.0')
+    max_iter = {'newton': 100, 'pgd': 200}[method] if max_iter is None else _count(max_iter, 'max_iter', 'the iteration cap')
+    return tol, max_iter, lr
+
 def _solve(P:_Problem, thresholds, method, lam0, tol, max_iter, return_weights, min_ess, lr)->DualResult:
     "Solve a prepared problem (shared by `solve_dual`, `threshold_path` and `bootstrap_dual`)."
     m = len(P.g)
+    tol, max_iter, lr = _solver_settings(method, tol, max_iter, lr)
     _check_reachable(P, thresholds)
     lam = np.zeros(m) if lam0 is None else _multipliers(lam0, m, 'lam0')
-    if method == 'newton': st, it, ok, evals = _newton(P, thresholds, lam, tol, 100 if max_iter is None else max_iter)
-    elif method == 'pgd': st, it, ok, evals = _pgd(P, thresholds, lam, lr, 200 if max_iter is None else max_iter)
-    else: raise ValueError(f"`method` must be 'newton' or 'pgd'; got {method!r}")
+    if method == 'pgd': st, it, ok, evals = _pgd(P, thresholds, lam, lr, max_iter)
+    elif lam0 is None and _spread(P) > _SPREAD0: st, it, ok, evals = _newton_tempered(P, thresholds, tol, max_iter)
+    else:
+        st, it, ok, evals = _newton(P, thresholds, lam, tol, max_iter)
+        if not ok and lam0 is not None and _spread(P) > _SPREAD0:  # a warm start in a saturated problem
+            _release(P, st)
+            st, it, ok, more = _newton_tempered(P, thresholds, tol, max_iter)
+            evals += more
     if not ok:
         if m > 1 and st.lam.any() and _joint_reach(P, st.lam / st.lam.sum()) <= st.lam @ thresholds / st.lam.sum() + tol:
             _raise_jointly_infeasible(P, thresholds, st.lam, edge=True)
@@ -510,14 +601,18 @@ def solve_dual_preference(ref_logps,     # (M, N) log pi_ref(y|x) of each respon
     if helpful_logps.shape != ref_logps.shape or safety_logps.shape[:2] != ref_logps.shape:
         raise ValueError(f"`ref_logps` {ref_logps.shape}, `helpful_logps` {helpful_logps.shape} and `safety_logps` "
                          f"{safety_logps.shape} must share their (M, N) shape")
-    m = safety_logps.shape[2]
-    beta_r = beta if beta_r is None else beta_r
-    beta_g = np.broadcast_to(_to_numpy(beta if beta_g is None else beta_g, 'beta_g'), (m,))
-    for name, value in (('beta_r', np.atleast_1d(beta_r)), ('beta_g', beta_g)):
-        if not (np.isfinite(value).all() and (value > 0).all()):
-            raise ValueError(f"`{name}` must be positive (the KL coefficient the model was trained with); got {value}")
+    M, N, m = safety_logps.shape
+    beta_r = _positive(beta if beta_r is None else beta_r, 'beta_r', 'the KL coefficient pi_r was trained with')
+    beta_g = _thresholds(beta if beta_g is None else beta_g, m, 'beta_g')
+    if not (beta_g > 0).all():
+        raise ValueError(f"`beta_g` must be positive (the KL coefficients the pi_g were trained with); got {beta_g}")
+    support = np.ones((M, N), bool)
+    if mask is not None and np.shape(mask) == (M, N): support &= _to_numpy(mask, 'mask', bool)
+    if weights is not None and np.shape(weights) == (M, N): support &= _to_numpy(weights, 'weights') > 0
+    for name, logps in (('ref_logps', ref_logps), ('helpful_logps', helpful_logps), ('safety_logps', safety_logps)):
+        _check_finite(logps, name, support)  # -inf: a response the model cannot produce; its log-ratio is undefined
     with np.errstate(invalid='ignore'):
-        rewards = float(beta_r) * (helpful_logps - ref_logps)
+        rewards = beta_r * (helpful_logps - ref_logps)
         safety = beta_g * (safety_logps - ref_logps[..., None])
     ref = policy_metrics(np.zeros_like(rewards), np.concatenate([rewards[..., None], safety], -1), 0.0, beta,
                          weights, mask)['safety']  # E_x E_{pi_ref} of (r_hat, g_hat), Monte Carlo over the responses
@@ -564,6 +659,8 @@ def bootstrap_dual(rewards, # (M, N) scores r(x, y)
                   )->BootstrapResult:
     "Percentile bootstrap intervals over prompts for lam* and the metrics of pi_lam*."
     if not 0 < level < 1: raise ValueError(f"`level` must be in (0, 1); got {level}")
+    n_boot = _count(n_boot, 'n_boot', 'the number of bootstrap resamples, e.g. 200')
+    _solver_settings(method, tol, max_iter, lr)
     P = _prepare(rewards, safety, beta, weights, mask)
     m, M = P.g_max.shape
     b = _thresholds(thresholds, m)

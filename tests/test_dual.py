@@ -1,13 +1,14 @@
 """Property tests of `safe_dual.dual`: derivatives, convexity, KKT, invariances, the preference form, and strong
 duality against an exact primal solve over the probability simplex that never uses the dual."""
 import itertools
+import re
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from safe_dual.dual import (InfeasibleConstraintError, dual_objective, policy_metrics, solve_dual,
+from safe_dual.dual import (InfeasibleConstraintError, bootstrap_dual, dual_objective, policy_metrics, solve_dual,
                             solve_dual_preference, threshold_path, tilted_weights)
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')  # ESS warnings are expected on tiny random problems
@@ -276,3 +277,183 @@ def test_joint_infeasibility_is_detected(p, u, s):
     else:
         res = solve_dual(rewards, both, b, beta, weights)
         assert res.converged and (res.expected_safety >= b - 1e-8).all()
+
+
+# --- rewards on a much larger scale than the safety scores (saturated pi_0) ----------------------------------------
+
+def _plain_safety(rewards, safety, lam, beta, weights=None):
+    "E_x E_{pi_lam}[g] (m,) with a plain max-shifted softmax (none of the solver's machinery)."
+    z = (rewards + safety @ np.asarray(lam, float)) / beta
+    if weights is not None: z = z + np.log(weights)
+    q = np.exp(z - z.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    return (q[..., None] * safety).sum(1).mean(0)
+
+
+def _bisect(f, hi=1.0, iters=120):
+    "The root of an increasing function f on [0, inf) (f(0) < 0) by doubling then bisection."
+    lo = 0.0
+    while f(hi) < 0: lo, hi = hi, 2 * hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _nested_bisection(rewards, safety, b, beta):
+    """lam* for two active constraints without the solver: for each lam_1, lam_2(lam_1) solves dD/dlam_2 = 0 (bisection,
+    increasing in lam_2); h(lam_1) = min_{lam_2} D is convex with h' = dD/dlam_1 at lam_2(lam_1), found by bisection."""
+    inner = lambda l1: _bisect(lambda l2: _plain_safety(rewards, safety, [l1, l2], beta)[1] - b[1], hi=1.0, iters=80)
+    l1 = _bisect(lambda l1: _plain_safety(rewards, safety, [l1, inner(l1)], beta)[0] - b[0], iters=80)
+    return np.array([l1, inner(l1)])
+
+
+def _scaled_problem(seed, M=30, N=12):
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=(M, N))
+    safety = rng.normal(size=(M, N, 2)) - 0.6 * rewards[..., None]
+    return rewards, safety, safety.max(1).mean(0) - 0.6
+
+
+@pytest.mark.parametrize('scale', [1e3, 1e4, 1e6])
+@pytest.mark.parametrize('seed', [0, 1])
+def test_converges_when_rewards_dwarf_safety_one_constraint(scale, seed):
+    rewards, safety, b = _scaled_problem(seed)
+    res = solve_dual(scale * rewards, safety[..., :1], b[:1], 0.5, min_ess=0)
+    ref = _bisect(lambda l: _plain_safety(scale * rewards, safety[..., :1], [l], 0.5)[0] - b[0])
+    assert res.converged and res.lam[0] > 0
+    np.testing.assert_allclose(res.lam[0], ref, rtol=1e-9)
+    np.testing.assert_allclose(res.expected_safety, b[:1], atol=1e-9)
+
+
+@pytest.mark.parametrize('scale', [1e3, 1e4, 1e6])
+def test_converges_when_rewards_dwarf_safety_two_constraints(scale):
+    rewards, safety, b = _scaled_problem(2)
+    res = solve_dual(scale * rewards, safety, b, 0.5, min_ess=0)
+    assert res.converged and (res.lam > 0).all()
+    np.testing.assert_allclose(res.lam, _nested_bisection(scale * rewards, safety, b, 0.5), rtol=1e-7)
+    np.testing.assert_allclose(_plain_safety(scale * rewards, safety, res.lam, 0.5), b, atol=1e-9)
+
+
+@pytest.mark.parametrize('scale', [1e3, 1e6])
+def test_scaling_identity_lam_grows_with_the_rewards(scale):
+    """lam*(c r, g, b, beta) = c lam*(r, g, b, beta / c), and for large c this tends to c lam_LP: lam*/c converges.
+    Weighted problems go through the same tempered phases (they rescale log w-shifted exponents)."""
+    rewards, safety, b = _scaled_problem(3)
+    weights = np.random.default_rng(3).dirichlet(np.ones(12), size=30)
+    res = solve_dual(scale * rewards, safety, b, 0.5, weights, min_ess=0)
+    same = solve_dual(rewards, safety, b, 0.5 / scale, weights, min_ess=0)
+    assert res.converged and same.converged
+    np.testing.assert_allclose(res.lam, scale * same.lam, rtol=1e-7)
+    np.testing.assert_allclose(_plain_safety(scale * rewards, safety, res.lam, 0.5, weights), b, atol=1e-9)
+    far = solve_dual(1e8 * rewards, safety, b, 0.5, weights, min_ess=0, tol=1e-8)  # 1e-10 is below the rounding of 1e8 r/beta
+    assert far.converged
+    np.testing.assert_allclose(res.lam / scale, far.lam / 1e8, rtol=1e-3)
+
+
+def test_warm_starts_in_saturated_problems_converge():
+    "threshold_path and bootstrap_dual warm-start every solve; in a saturated problem they fall back to tempering."
+    rewards, safety, b = _scaled_problem(4)
+    grid = np.linspace(b[0] - 0.4, b[0], 5)
+    for b0, res in zip(grid, threshold_path(1e5 * rewards, safety[..., 0], grid, 0.5, min_ess=0)):
+        assert res.converged
+        np.testing.assert_allclose(res.lam, solve_dual(1e5 * rewards, safety[..., 0], b0, 0.5, min_ess=0).lam, rtol=1e-8)
+    boot = bootstrap_dual(1e5 * rewards, safety, b, 0.5, n_boot=10, min_ess=0)
+    assert boot.result.converged and np.isfinite(boot.lam).all()
+
+
+def test_unconverged_pgd_is_not_reported_converged():
+    rewards, safety, b = _scaled_problem(5)
+    with pytest.warns(RuntimeWarning, match='did not converge'):
+        res = solve_dual(rewards, safety[..., 0], b[0], 0.5, method='pgd', lr=1e-9)
+    assert not res.converged and res.expected_safety[0] < b[0] - 1e-3
+
+
+# --- every bad input is refused by name ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(method='pgd', lr=0.0), '`lr` must be a finite number > 0'),
+    (dict(method='pgd', lr=-1.0), '`lr` must be a finite number > 0'),
+    (dict(lr=np.inf), '`lr` must be a finite number > 0'),
+    (dict(lr='fast'), '`lr` must be a finite number > 0'),
+    (dict(max_iter=-5), '`max_iter` must be an integer >= 1'),
+    (dict(max_iter=0), '`max_iter` must be an integer >= 1'),
+    (dict(max_iter=2.5), '`max_iter` must be an integer >= 1'),
+    (dict(max_iter=True), '`max_iter` must be an integer >= 1'),
+    (dict(tol=-1.0), '`tol` must be a finite number > 0'),
+    (dict(tol=0.0), '`tol` must be a finite number > 0'),
+    (dict(tol=np.nan), '`tol` must be a finite number > 0'),
+    (dict(tol=np.inf), '`tol` must be a finite number > 0'),
+    (dict(rewards=np.array([[0.0, 1.0, 2.0]] * 2) + 1j), '`rewards` must be real'),
+    (dict(safety=torch.ones(2, 3, dtype=torch.complex64)), '`safety` must be real'),
+    (dict(thresholds=None), "None means 'unconstrained' only in MoCAN/PeCAN"),
+    (dict(lam0=[-1.0]), '`lam0` must be finite and >= 0'),
+    (dict(method='adam'), "`method` must be 'newton' or 'pgd'"),
+])
+def test_solver_settings_are_refused_by_name(kwargs, message):
+    args = dict(rewards=np.array([[0.0, 1.0, 2.0]] * 2), safety=np.array([[1.0, 0.0, -1.0]] * 2), thresholds=0.0, beta=1.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError) as e: solve_dual(**args)
+    assert message in str(e.value), str(e.value)
+
+
+def test_nan_positions_in_the_callers_order():
+    rewards, safety = np.zeros((4, 6)), np.zeros((4, 6, 2))
+    safety[3, 5, 0] = np.nan
+    with pytest.raises(ValueError, match=r'`safety` has NaN or inf at index \(3, 5, 0\)'): solve_dual(rewards, safety, -1.0, 1.0)
+    mask = np.ones((4, 6), bool); mask[0, 0] = False
+    with pytest.raises(ValueError, match=r'`safety` has NaN or inf at index \(3, 5, 0\)'):
+        solve_dual(rewards, safety, -1.0, 1.0, mask=mask)
+    safety[3, 5, 0], safety[1, 0, 1] = 0.0, np.inf
+    with pytest.raises(ValueError, match=r'at index \(1, 0, 1\)'): solve_dual(rewards, safety, -1.0, 1.0)
+
+
+@pytest.mark.parametrize('n_boot', [0, -3, 2.5, '10', None])
+def test_bootstrap_refuses_bad_n_boot(n_boot):
+    rewards, safety, b = _scaled_problem(0)
+    with pytest.raises(ValueError, match='`n_boot` must be an integer >= 1'):
+        bootstrap_dual(rewards, safety[..., 0], b[0], 0.5, n_boot=n_boot)
+
+
+def _preference_inputs(rng, M=5, N=6, m=2):
+    ref_logps = np.log(rng.dirichlet(np.ones(N), size=M))
+    return ref_logps, ref_logps + 0.1 * rng.normal(size=(M, N)), ref_logps[..., None] + 0.1 * rng.normal(size=(M, N, m))
+
+
+@pytest.mark.parametrize('which, index, value', [('ref_logps', (1, 2), np.nan), ('helpful_logps', (0, 3), np.inf),
+                                                 ('safety_logps', (4, 1, 1), -np.inf), ('safety_logps', (2, 0, 0), np.nan)])
+def test_preference_errors_name_the_log_probs(which, index, value):
+    inputs = dict(zip(['ref_logps', 'helpful_logps', 'safety_logps'], _preference_inputs(np.random.default_rng(0))))
+    inputs[which][index] = value
+    with pytest.raises(ValueError, match=f'`{which}` has NaN or inf at index {re.escape(str(index))}'):
+        solve_dual_preference(**inputs, margins=0.0, beta=0.5)
+    mask = np.ones((5, 6), bool); mask[index[:2]] = False
+    assert solve_dual_preference(**inputs, margins=0.0, beta=0.5, mask=mask).converged
+
+
+@pytest.mark.parametrize('kwargs, message', [(dict(beta_g=[0.5, 1.0, 2.0]), '`beta_g` must be a number or have shape (2,)'),
+                                             (dict(beta_g=[0.5, -1.0]), '`beta_g` must be positive'),
+                                             (dict(beta_r='x'), '`beta_r` must be a finite number > 0'),
+                                             (dict(beta_r=0.0), '`beta_r` must be a finite number > 0'),
+                                             (dict(beta_g='x'), '`beta_g` must be a numeric array')])
+def test_preference_coefficients_are_checked(kwargs, message):
+    ref_logps, helpful_logps, safety_logps = _preference_inputs(np.random.default_rng(1))
+    with pytest.raises(ValueError) as e: solve_dual_preference(ref_logps, helpful_logps, safety_logps, 0.0, 0.5, **kwargs)
+    assert message in str(e.value), str(e.value)
+
+
+@given(problems(), st.sampled_from([1e300, 1e308]), st.booleans())
+def test_tilted_weights_stay_finite_for_huge_multipliers(p, huge, masked):
+    "lam / beta beyond the float range: the limit policy, on each prompt's maximizers of lam.g, rows summing to 1."
+    rewards, safety, beta, weights, lam, rng = p
+    lam = huge * (lam / lam.max())
+    mask = None
+    if masked:
+        mask = rng.random(rewards.shape) < 0.7
+        mask[:, 0] = True
+    with np.errstate(invalid='raise'): q = tilted_weights(rewards, safety, lam, beta, weights, mask)
+    assert np.isfinite(q).all()
+    np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-12)
+    u = np.where(True if mask is None else mask, safety @ (lam / lam.max()), -np.inf)
+    best = np.isclose(u, u.max(1, keepdims=True), rtol=0, atol=1e-9)
+    assert (q[~best] < 1e-12).all()
