@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 import ipywidgets as W
 from .dual import (solve_dual, dual_objective, tilted_weights, max_reachable_safety, bootstrap_dual,
-                            InfeasibleConstraintError, _to_numpy)
+                            InfeasibleConstraintError, _to_numpy, _thresholds, _positive)
 
 # %% auto #0
 __all__ = ['reference_metrics', 'dual_standard_errors', 'ThresholdPath', 'sweep_threshold', 'plot_threshold_path',
@@ -152,7 +152,7 @@ def sweep_threshold(rewards, # (M, N) scores r(x, y)
     M, N, m = safety.shape
     if not 0 <= j < m: raise ValueError(f"`j` must index one of the m = {m} safety scores; got {j}")
     ref = reference_metrics(rewards, safety, weights, mask)
-    b = ref['safety'].copy() if thresholds is None else np.broadcast_to(_to_numpy(thresholds, 'thresholds'), (m,)).copy()
+    b = ref['safety'].copy() if thresholds is None else _thresholds(thresholds, m)
     if grid is None:
         free = b.copy()
         free[j] = ref['least'][j] - 1.0  # a slack b_j: where pi_lam's E[g_j] sits before the constraint binds
@@ -378,8 +378,7 @@ class ThresholdExplorer:
                  plots=True,   # draw the path plots (the slow path)
                  plot_delay=0.3, # seconds the sliders must rest before the plots are redrawn (in a running kernel)
                 ):
-        if not (np.isfinite(beta) and beta > 0):
-            raise ValueError(f"`beta` must be a positive number (the KL coefficient); got {beta}")
+        beta = _positive(beta, 'beta', 'the initial KL coefficient')
         self.rewards, self.safety, self.weights, self.mask = _inputs(rewards, safety, weights, mask)
         M, N, m = self.safety.shape
         self.names = list(names) if names is not None else [f'g_{k + 1}' for k in range(m)]
@@ -388,7 +387,7 @@ class ThresholdExplorer:
         self.reference = ref = reference_metrics(self.rewards, self.safety, self.weights, self.mask)
         r, g, pi_ref = _scores(self.rewards, self.safety, self.weights, self.mask)
         self._clean = r, g, _log(pi_ref)  # computed once: the intervals need them at every slider change
-        b0 = (ref['safety'] + ref['reach']) / 2 if thresholds is None else np.broadcast_to(_to_numpy(thresholds, 'thresholds'), (m,))
+        b0 = (ref['safety'] + ref['reach']) / 2 if thresholds is None else _thresholds(thresholds, m)
         # slider steps are powers of 10 and the ends multiples of them, so the readout shows the exact threshold
         span = ref['reach'] - ref['least']
         step = 10.0 ** np.floor(np.log10(np.where(span > 0, span, 1.0) / 200))
@@ -482,6 +481,13 @@ class ThresholdExplorer:
         except RuntimeError: return self.update_plots()
         if self._pending is not None: self._pending.cancel()
         self._pending = loop.call_later(self.plot_delay, self.update_plots)
+
+    def flush(self):
+        "Redraw the plots now if a redraw is pending (deferred by `plot_delay` in a running kernel); returns self."
+        if self._pending is not None:
+            self._pending.cancel()
+            self.update_plots()
+        return self
 
     def update_plots(self):
         "Slow path: sweep the path again if beta or the other thresholds changed, then redraw with the current point."

@@ -158,3 +158,38 @@ def test_every_plot_renders_to_png(m):
     ex = ThresholdExplorer(rewards, safety, beta=0.5, mask=mask, n_boot=20, num=11)
     assert ex.plot.value[:4] == b'\x89PNG'
     assert np.isfinite(ex.path.bands['lam'][0][ex.path.feasible]).any()  # bootstrap bands were drawn
+
+def test_flush_runs_the_pending_redraw_in_a_running_kernel():
+    "In a running loop the redraw waits for `plot_delay`; `flush()` does it now, once, and cancels the timer."
+    rewards, safety = scores(80, 16, 2)
+    ex = ThresholdExplorer(rewards, safety, beta=0.5, thresholds=[0.3, 0.2], plot_delay=30.0)
+    draws = []
+    redraw = ex.update_plots
+    ex.update_plots = lambda: (draws.append(tuple(ex.thresholds)), redraw())
+    async def move_and_flush():
+        ex.sliders[0].value = 0.6
+        assert draws == [] and 'b = 0.6' not in ex.plot_caption.value  # deferred
+        assert ex.flush() is ex
+        assert draws == [(0.6, 0.2)] and 'b = 0.6' in ex.plot_caption.value and ex._pending is None
+        ex.flush()  # nothing pending: no second redraw
+        await asyncio.sleep(0.05)
+    asyncio.run(move_and_flush())
+    assert draws == [(0.6, 0.2)]
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(beta='abc'), "`beta` must be a finite number > 0 (the initial KL coefficient); got 'abc'"),
+    (dict(beta=-1.0), '`beta` must be a finite number > 0'),
+    (dict(beta=float('nan')), '`beta` must be a finite number > 0'),
+    (dict(thresholds=[0, 0, 0]), '`thresholds` must be a number or have shape (2,)'),
+    (dict(thresholds=[0.0, float('nan')]), '`thresholds` must be finite'),
+    (dict(names=['a']), '`names` must name the m = 2 safety scores'),
+])
+def test_explorer_refuses_bad_settings_by_name(kwargs, message):
+    rewards, safety = scores(30, 8, 2)
+    with pytest.raises(ValueError) as e: ThresholdExplorer(rewards, safety, plots=False, **kwargs)
+    assert message in str(e.value), str(e.value)
+
+def test_sweep_refuses_thresholds_of_the_wrong_length():
+    rewards, safety = scores(30, 8, 2)
+    with pytest.raises(ValueError, match=r'`thresholds` must be a number or have shape \(2,\)'):
+        sweep_threshold(rewards, safety, 0.5, thresholds=[0.0, 0.0, 0.0])
