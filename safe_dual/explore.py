@@ -407,6 +407,7 @@ class ThresholdExplorer:
                        (self.timing, 'sd-timing'), (self.plot, 'sd-plot'), (self.plot_caption, 'sd-caption')]:
             w.add_class(cls)
         for s in self.sliders: s.add_class('sd-threshold')
+        self.beta_slider.add_class('sd-beta')
         self.widget = W.VBox([
             W.HTML(f'<b>Threshold explorer</b>: {M} prompts x {N} responses, {m} safety constraint{"s" * (m > 1)}'),
             W.HBox([W.VBox([*self.sliders, self.beta_slider, self.path_dropdown]),
