@@ -2,7 +2,8 @@
 import json
 import numpy as np
 import pytest
-from safe_dual.mocan import MoCAN, toy_demo, demo_table
+from safe_dual.mocan import MoCAN
+from safe_dual.demo import toy_demo, demo_table
 from safe_dual.toy import load_toy_world
 from safe_dual.cli import main
 

@@ -352,7 +352,7 @@ def test_train_args_checked_at_construction(world, tmp_path):
         mocan(world, tmp_path, train_args=dict(TINY, loss_type="listwize"))
     with pytest.raises(ValueError, match="`learning_rate` must be > 0"):
         mocan(world, tmp_path, train_args=dict(TINY, learning_rate=-1e-3))
-    with pytest.raises(ValueError, match="`prealign_args` has the unknown setting `lora_alpah`; did you mean `lora_alpha`"):
+    with pytest.raises(ValueError, match="`prealign_args`: unknown setting `lora_alpah`; did you mean `lora_alpha`"):
         PeCAN(world.new_model(), world.tokenizer, world.prompts, toy_preferences(world, 8, "reward", seed=1),
               toy_preferences(world, 8, 0, seed=2), margins=0.1, beta=1.0, output_dir=tmp_path, prealign_args=dict(lora_alpah=4))
     assert list(tmp_path.iterdir()) == []
