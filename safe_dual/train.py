@@ -244,6 +244,7 @@ def _coerce(value, tp, name):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args: return None
         members = [a for a in args if a is not type(None)]
+        if len(members) == 1: return _coerce(value, members[0], name)
         exact = [a for a in members if typing.get_origin(a) is None and isinstance(a, type) and isinstance(value, a)
                  and not (isinstance(value, bool) and a is not bool)]
         problems = []
@@ -345,7 +346,7 @@ class PseudoPreferenceConfig(TrainingArguments):
         if problems: raise ValueError("; ".join(problems))
         for name, value in values.items(): setattr(self, name, value)
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}; got {self.loss_type!r}")
+            raise ValueError(f"`loss_type`={self.loss_type!r} is not one of {LOSS_TYPES}.")
         if self.remove_unused_columns:
             raise ValueError("`remove_unused_columns=True` would drop the preference columns the collator needs; "
                              "leave it False.")

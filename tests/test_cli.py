@@ -1,26 +1,144 @@
-"`safe-dual` end to end: example configs parse, and a MoCAN config with models loaded from local paths runs."
-import json, subprocess, sys
+"""`safe-dual` end to end: example configs check, every bad config is refused before any work with a message naming the
+key, a MoCAN config with models loaded from local paths runs, and no command leaves process-wide settings changed."""
+import json, logging, os, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
-from safe_dual.cli import load_config, build_pipeline, main
+from safe_dual.cli import build_pipeline, check_config, load_config, main
 from safe_dual.toy import load_toy_world
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TOY = dict(world="toy", thresholds=[-0.25, -0.4], beta=1.0)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
-def test_example_configs_parse(name):
-    cfg = load_config(EXAMPLES / name)
+def test_example_configs_check(name, tmp_path):
+    "Every example config passes the whole check; the toy ones build their pipeline."
+    cfg = dict(load_config(EXAMPLES / name), output_dir=str(tmp_path / "run"))
     kind = "mocan" if name.startswith("mocan") else "pecan"
-    assert "beta" in cfg and ("thresholds" in cfg if kind == "mocan" else "margins" in cfg)
+    checked = check_config(cfg, kind, source=name)
+    assert checked.beta == cfg["beta"]
     if cfg.get("world") == "toy":
-        pipe = build_pipeline(dict(cfg, output_dir="unused"), kind)
-        assert pipe.beta == cfg["beta"]
-    else:
-        assert {"policy", "prompts"} <= set(cfg)
+        assert build_pipeline(cfg, kind).beta == cfg["beta"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def _error(tmp_path, capsys, config, kind="mocan", suffix=".yaml"):
+    "The one error line `safe-dual KIND --config FILE` prints for `config` (a mapping, or the file's text)."
+    path = tmp_path / f"run{suffix}"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    capsys.readouterr()  # what came before
+    with pytest.raises(SystemExit) as stop: main([kind, "--config", str(path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"safe-dual {kind}: error: {path}") and err.count("error:") == 1, err
+    return err
+
+
+def _a_file(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    return str(tmp_path / "a_file")
+
+
+# (report row, config or file text, message the error must contain); each is refused before any model is loaded
+BAD_CONFIGS = [
+    ("C3", "world: toy\nthresholds: [-0.25, -0.4\nbeta: 1.0\n", ":3:5: invalid YAML"),
+    ("C5", '{"world": "toy", "beta": 1.0,}', ":1:30: invalid JSON: Expecting property name"),
+    ("C8", dict(TOY, n_sample=8), "unknown setting `n_sample`; did you mean `n_samples`?"),
+    ("C9", dict(TOY, beta="abc"), "`beta` must be a number; got 'abc'"),
+    ("C11b", dict(TOY, n_samples="8x"), "`n_samples` must be an integer; got '8x'"),
+    ("C16", dict(TOY, train=dict(learning_rate=-1e-3)), "`train.learning_rate` must be > 0; got -0.001"),
+    ("C18", dict(TOY, train=dict(lerning_rate=1e-3)), "unknown setting `train.lerning_rate`; did you mean `train.learning_rate`?"),
+    ("C20", dict(TOY, train=dict(num_train_epochs=0)), "`train.num_train_epochs` must be > 0 (0 epochs would train nothing)"),
+    ("C20b", dict(TOY, train=dict(max_steps=0)), "`train.max_steps` must be != 0"),
+    ("T10", dict(TOY, train=dict(per_device_train_batch_size=0)), "`train.per_device_train_batch_size` must be >= 1; got 0"),
+    ("C21", dict(thresholds=0.0, beta=0.1, policy="/nonexistent/model", prompts=["a"],
+                 scorers=dict(reward=dict(model="org/rm"), safety=dict(model="org/cm", negate=True))),
+     "`policy` '/nonexistent/model': no such file or folder"),
+    ("C22", dict(thresholds=0.0, beta=0.1, policy="./missing_model", prompts=["a"],
+                 scorers=dict(reward=dict(model="org/rm"), safety=dict(model="org/cm", negate=True))),
+     "`policy` './missing_model': no such file or folder"),
+    ("C23", dict(thresholds=0.0, beta=0.1, policy="org/m", prompts="missing.txt",
+                 scorers=dict(reward=dict(model="org/rm"), safety=dict(model="org/cm", negate=True))),
+     "`prompts` 'missing.txt': no such file or folder"),
+    ("scorer path", dict(thresholds=0.0, beta=0.1, policy="org/m", prompts=["a"],
+                         scorers=dict(reward=dict(model="./rm"), safety=[dict(model="org/cm", negate=True)])),
+     "`scorers.reward.model` './rm': no such file or folder"),
+    ("preferences path", (dict(margins=0.1, beta=0.1, policy="org/m", prompts=["a"],
+                               preferences=dict(helpful="org/h", safety=["./missing_prefs"])), "pecan"),
+     "`preferences.safety[0]` './missing_prefs': no such file or folder"),
+    ("C25", lambda tmp: dict(TOY, output_dir=_a_file(tmp)), "is a file; give a folder"),
+    ("C26", dict(TOY, output_dir="/proc/forbidden"), "`output_dir` '/proc/forbidden' cannot be created or written"),
+    ("C27", dict(thresholds=0.0, beta=0.1, policy="org/m", prompts=["a"], torch_dtype="float33",
+                 scorers=dict(reward=dict(model="org/rm"), safety=dict(model="org/cm", negate=True))),
+     "`torch_dtype` must be one of 'float32', 'bfloat16', 'float16', 'float64', 'auto'; got 'float33' (did you mean 'float32'?)"),
+    ("C33", dict(TOY, output_dir=""), "`output_dir` is empty"),
+    ("C34", dict(TOY, output_dir=None), "`output_dir` must be a folder name; got None"),
+    ("toy unused", dict(TOY, policy="gpt2"), "`policy` is not used with `world: toy`"),
+    ("needs data", dict(thresholds=0.0, beta=0.1, policy="org/m", prompts=["a"]), "the config needs `scorers`"),
+    ("thresholds", dict(TOY, thresholds=[0.0, 0.0, 0.0]), "`thresholds` has 3 values but there are 2 safety scores"),
+    ("train.beta", dict(TOY, train=dict(beta=0.5)), "`train.beta` is set by the pipeline; use the top-level `beta`"),
+    ("train enum", dict(TOY, train=dict(lr_scheduler_type="cosinus")), "`train`: cosinus is not a valid SchedulerType"),
+    ("required", dict(world="toy", beta=1.0), "`thresholds` is required"),
+    ("pecan key in mocan", dict(TOY, margins=0.1), "`margins` is a `safe-dual pecan` setting"),
+    ("bootstrap in pecan", (dict(world="toy", margins=0.1, beta=1.0, bootstrap=0), "pecan"), "`bootstrap` is a `safe-dual mocan` setting"),
+    ("labels", dict(TOY, labels="sofft"), "`labels` must be one of 'soft', 'sampled', 'hard'; got 'sofft' (did you mean 'soft'?)"),
+]
+
+
+@pytest.mark.parametrize("row, config, message", BAD_CONFIGS, ids=[r[0] for r in BAD_CONFIGS])
+def test_bad_config_refused_before_any_work(row, config, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = config(tmp_path) if callable(config) else config
+    config, kind = config if isinstance(config, tuple) else (config, "mocan")
+    suffix = ".json" if row == "C5" else ".yaml"
+    before = set(tmp_path.iterdir())
+    err = _error(tmp_path, capsys, config, kind, suffix)
+    assert message in err, err
+    assert set(tmp_path.iterdir()) - before == {tmp_path / f"run{suffix}"}  # nothing was written
+
+
+def test_many_problems_reported_at_once(tmp_path, capsys):
+    err = _error(tmp_path, capsys, dict(TOY, beta="abc", n_sample=8, train=dict(lerning_rate=1e-3)))
+    assert "3 problems:" in err and "`beta`" in err and "`n_sample`" in err and "`train.lerning_rate`" in err, err
+
+
+def test_yaml_numbers_read_as_strings_are_coerced(tmp_path):
+    "YAML 1.1 reads 3e-3 as a string (C19) and a quoted '8' is one (C11): both become the numbers meant."
+    path = tmp_path / "run.yaml"
+    path.write_text("world: toy\nthresholds: [-0.25, -0.4]\nbeta: 1\nn_samples: '8'\ntrain: {learning_rate: 3e-3}\n")
+    cfg = check_config(load_config(path), "mocan")
+    assert (cfg.n_samples, cfg.train["learning_rate"], cfg.beta) == (8, 0.003, 1.0)
+
+
+def test_every_key_is_used(tmp_path):
+    "`bootstrap` reaches MoCAN (C29); the toy world's exact evaluation and prompts are used."
+    pipe = build_pipeline(dict(TOY, output_dir=str(tmp_path / "run"), bootstrap=0, n_samples=8, seed=3), "mocan")
+    assert (pipe.bootstrap, pipe.sampling["n"], pipe.seed) == (0, 8, 3)
+
+
+def test_hub_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    "A hub id that cannot be loaded (offline) and a missing folder that looks like a hub id (C24): one error line each."
+    import datasets, huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    w = load_toy_world()
+    w.new_model().save_pretrained(tmp_path / "policy")
+    w.tokenizer.save_pretrained(tmp_path / "policy")
+    scorers = dict(reward=dict(model="org/rm"), safety=dict(model="org/cm", negate=True))
+    cases = [(dict(policy="someorg/somemodel", prompts=["a"]), "`policy` 'someorg/somemodel' is not a local path"),
+             (dict(policy=str(tmp_path / "policy"), prompts="data/missing_folder"), "`prompts` 'data/missing_folder' is not a local path")]
+    for paths, message in cases:
+        err = _error(tmp_path, capsys, dict(paths, thresholds=0.0, beta=0.1, scorers=scorers, output_dir=str(tmp_path / "out")))
+        assert len(err.strip().splitlines()) == 1 and message in err and "HF_HUB_OFFLINE=1" in err, err
+
+
+def test_dual_data_missing(capsys):
+    "C44: `--data` that does not exist is named."
+    with pytest.raises(SystemExit): main(["dual", "--data", "/nonexistent"])
+    assert "`--data` /nonexistent is not a folder" in capsys.readouterr().err
 
 
 def _score_model(path, seed):
@@ -32,7 +150,7 @@ def _score_model(path, seed):
     w.tokenizer.save_pretrained(path)
 
 
-def test_mocan_config_with_models_from_local_paths(tmp_path):
+def test_mocan_config_with_models_from_local_paths(tmp_path, capsys):
     "The user path: policy, reward and cost models through `from_pretrained` on local folders, prompts from a .txt file."
     w = load_toy_world()
     w.new_model().save_pretrained(tmp_path / "policy")
@@ -43,9 +161,11 @@ def test_mocan_config_with_models_from_local_paths(tmp_path):
     cfg = dict(output_dir=str(tmp_path / "run"), policy=str(tmp_path / "policy"), prompts=str(tmp_path / "prompts.txt"),
                scorers=dict(reward=dict(model=str(tmp_path / "reward")), safety=dict(model=str(tmp_path / "cost"), negate=True)),
                thresholds=None, beta=1.0, n_samples=4, max_new_tokens=w.max_new_tokens, batch_size=8, n_eval=2,
-               train=dict(max_steps=2, per_device_train_batch_size=4, disable_tqdm=True))
+               train=dict(max_steps=2, per_device_train_batch_size=4))
     (tmp_path / "run.json").write_text(json.dumps(cfg))
     main(["mocan", "--config", str(tmp_path / "run.json")])
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == f"unconstrained run (no constraint to meet); results saved in {tmp_path / 'run'}"
     result = json.loads((tmp_path / "run" / "evaluate" / "stage.json").read_text())["result"]
     assert set(result["win_rate"]) == {"reward", "safety"}
     assert 0 <= result["win_rate"]["reward"] <= 1
@@ -53,8 +173,37 @@ def test_mocan_config_with_models_from_local_paths(tmp_path):
     assert (tmp_path / "run" / "train" / "model" / "adapter_model.safetensors").exists()
 
 
+def _process_state():
+    "What a command may change only for its own duration."
+    import datasets, transformers
+    log = logging.getLogger("safe_dual")
+    return (torch.get_num_threads(), log.level, list(log.handlers), log.propagate, logging.getLogger("transformers").level,
+            transformers.utils.logging.is_progress_bar_enabled(), datasets.utils.are_progress_bars_disabled())
+
+
+@pytest.mark.parametrize("flags", [[], ["--quiet"], ["--verbose"]])
+def test_commands_restore_process_state(flags, tmp_path, capsys):
+    "Threads, the `safe_dual` logger and third-party verbosity are what they were, after a toy run and a dual."
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        before = _process_state()
+        cfg = dict(TOY, output_dir=str(tmp_path / "run"), n_samples=4, batch_size=32,
+                   train=dict(loss_type="listwise", use_lora=False, max_steps=2, per_device_train_batch_size=8))
+        (tmp_path / "run.json").write_text(json.dumps(cfg))
+        main(["mocan", *flags, "--config", str(tmp_path / "run.json")])
+        assert _process_state() == before
+        main(["dual", "--example", *flags, "--threshold", "-0.3,-0.5"])
+        assert _process_state() == before
+    finally: torch.set_num_threads(old)
+    captured = capsys.readouterr()
+    assert "b=-0.3,-0.5" in captured.out
+    if flags == ["--quiet"]: assert captured.err == ""
+    else: assert "[collect]" in captured.err or "[train]" in captured.err, captured.err
+
+
 def test_module_entry_point(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "safe_dual.cli", "dual", "--example", "--threshold=-0.3,-0.5"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "safe_dual.cli", "dual", "--example", "--threshold", "-0.3,-0.5"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "pi_ref" in out.stdout and "b=-0.3,-0.5" in out.stdout

@@ -17,7 +17,8 @@ from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from safe_dual.data import load_samples, sample_responses, sequence_logprobs, to_dual_inputs
+from safe_dual.data import (CallableScorer, load_samples, quiet_third_party, sample_responses, score, scorer_digest,
+                            sequence_logprobs, to_dual_inputs, tokenizer_digest, weights_digest)
 
 WORDS = "[PAD] [EOS] [UNK] a b c d e f g h i j k l m n o p".split()
 PROMPTS = ["a b c", "d", "e f g h i", "j k"]
@@ -153,3 +154,20 @@ def test_dual_inputs_regroup_rows(rows, rng):
         assert rewards[row, :k].tolist() == [r for _, r, _ in group]
         assert safety[row, :k, 0].tolist() == [g for _, _, g in group]
         assert not mask[row, k:].any() and (rewards[row, k:] == 0).all()
+
+
+def test_calls_keep_process_state(lm, tmp_path):
+    "Sampling, log-probs, scoring and digests leave the thread count and torch's random state as they were."
+    model, tokenizer = lm
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
+        with quiet_third_party():
+            ds = sample_responses(model, tokenizer, PROMPTS, output_dir=tmp_path / "s", **SETTINGS)
+        sequence_logprobs(model, tokenizer, ds, progress=False)
+        score(ds, {"reward": CallableScorer(lambda ps, rs: [len(r) for r in rs])})
+        weights_digest(model), tokenizer_digest(tokenizer), scorer_digest(CallableScorer(len))
+        assert torch.get_num_threads() == threads
+        assert torch.equal(torch.random.get_rng_state(), rng)
+    finally: torch.set_num_threads(old)

@@ -1,5 +1,6 @@
 """Integration tests of `safe_dual.train`: parity with TRL's DPOTrainer, resuming, and properties of the losses."""
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -8,10 +9,15 @@ from datasets import Dataset
 from hypothesis import given, settings, strategies as st
 from transformers import TrainerCallback
 
-from safe_dual.toy import load_toy_world, toy_preferences
+from safe_dual.data import show_progress
+from safe_dual.toy import load_toy_world, one_thread, toy_preferences
 from safe_dual.train import PseudoPreferenceConfig, PseudoPreferenceTrainer, dpo_loss, listwise_loss, soft_dpo_loss
 
-torch.set_num_threads(1)  # tiny models: one thread is faster than several, and the cores are shared
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    "Tiny models: one thread is faster than several, and the cores are shared; restored after each test."
+    with one_thread(torch.device("cpu")): yield
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +27,7 @@ def world():
 
 def config(output_dir, **kwargs):
     settings = dict(per_device_train_batch_size=4, learning_rate=1e-2, max_steps=6, logging_steps=3, save_strategy="no",
-                    disable_tqdm=True, dataloader_pin_memory=False, seed=0)
+                    disable_tqdm=True, seed=0)
     return PseudoPreferenceConfig(output_dir=str(output_dir), **(settings | kwargs))
 
 
@@ -119,3 +125,38 @@ def test_listwise_gradient_is_q_minus_w(n, seed, beta):
     at_optimum = (ref + scores / beta + 3.0).requires_grad_()
     grad, = torch.autograd.grad(listwise_loss(at_optimum, ref, scores, beta).sum(), at_optimum)
     torch.testing.assert_close(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_training_output(tmp_path, world, capfd, recwarn, quiet):
+    "One step bar with the loss (none under `show_progress(False)`), no raw log dicts, no pin_memory warning, threads kept."
+    threads = torch.get_num_threads()
+    pairs = toy_preferences(world, 16)
+    trainer = PseudoPreferenceTrainer(world.new_model(), world.tokenizer, pairs, config(tmp_path, disable_tqdm=False))
+    capfd.readouterr()
+    with show_progress(not quiet): trainer.train()
+    out, err = capfd.readouterr()
+    assert "{'" not in out + err and "pin_memory" not in err, out + err
+    assert not [w for w in recwarn if "pin_memory" in str(w.message)]
+    assert ("train: 100%" in err and "loss=" in err) != quiet, err
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(learning_rate=-1e-2), "`learning_rate` must be > 0; got -0.01"),                     # T1
+    (dict(learning_rate="fast"), "`learning_rate` must be a number; got 'fast'"),                # T7 (a non-number string)
+    (dict(num_train_epochs=-1), "`num_train_epochs` must be > 0"),                               # T8
+    (dict(num_train_epochs=0), "`num_train_epochs` must be > 0 (0 epochs would train nothing)"), # T9
+    (dict(per_device_train_batch_size=0), "`per_device_train_batch_size` must be >= 1; got 0"),  # T10
+    (dict(learning_rate=float("nan")), "`learning_rate` must be > 0; got nan"),                  # T11
+    (dict(max_steps=0), "`max_steps` must be != 0"),
+    (dict(gradient_accumulation_steps=0), "`gradient_accumulation_steps` must be >= 1"),
+])
+def test_config_refuses_at_construction(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)): PseudoPreferenceConfig(output_dir=str(tmp_path), **settings)
+
+
+def test_config_reads_numbers_in_strings(tmp_path):
+    "T7: YAML 1.1 reads 3e-3 as a string; the config takes it as the number."
+    args = PseudoPreferenceConfig(output_dir=str(tmp_path), learning_rate="3e-3", num_train_epochs="2", per_device_train_batch_size="8")
+    assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (0.003, 2.0, 8)
