@@ -28,6 +28,7 @@ def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figure
              n_samples:int=128,           # responses per prompt from pi_ref
              train_args:dict|None=None,   # training settings; None: `TOY_TRAIN_ARGS`
              seed:int=0,                  # seed of sampling and training
+             verbose:bool=False,          # show the progress bars and info logs of datasets and transformers
             )->dict:                      # rows: policy -> {reward, safety, kl, met}; lam; figure paths
     "MoCAN on the toy world against pi_ref, unconstrained alignment on r, and the exact constrained optimum."
     out = Path(output_dir)
@@ -38,7 +39,7 @@ def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figure
                     f", in {out / name}")
         mo = MoCAN(world.new_model(), world.tokenizer, world.prompts, dict(reward=world.reward_scorer, safety=world.safety_scorers),
                    b, beta, n_samples=n_samples, output_dir=out / name, max_new_tokens=world.max_new_tokens, batch_size=64,
-                   seed=seed, train_args=train_args or TOY_TRAIN_ARGS, evaluator=lambda m: exact_metrics(m, world))
+                   seed=seed, train_args=train_args or TOY_TRAIN_ARGS, evaluator=lambda m: exact_metrics(m, world), verbose=verbose)
         return mo, mo.run()
     with one_thread(torch.device("cpu")):  # the toy model is so small that a second thread only costs handoffs
         (unc, unconstrained), (mo, mocan) = run(None, "unconstrained"), run(thresholds, "mocan")

@@ -24,7 +24,7 @@ from .explore import reference_metrics
 from .data import (sample_responses, score, to_dual_inputs, sequence_logprobs, weights_digest, tokenizer_digest,
                             scorer_digest, quiet_third_party)
 from .train import (pseudo_preference_pairs, pseudo_preference_lists, PseudoPreferenceConfig,
-                             PseudoPreferenceTrainer, check_settings)
+                             PseudoPreferenceTrainer, check_settings, LABEL_KINDS)
 
 logger = logging.getLogger(__name__)
 
@@ -273,14 +273,23 @@ class MoCAN:
                                 top_p=top_p, batch_size=batch_size, chat_template=chat_template)
         self.thresholds = None if thresholds is None else _thresholds(thresholds, len(self.safety))
         self.train_args = self._checked_args("train_args", train_args)
+        if not (isinstance(bootstrap, (int, np.integer)) and not isinstance(bootstrap, bool) and bootstrap >= 0):
+            raise ValueError(f"`bootstrap` must be an integer >= 0 (0: no intervals); got {bootstrap!r}")
         self.bootstrap = bootstrap
 
     def _keep_run_settings(self, policy, tokenizer, prompts, beta, n_samples, output_dir, eval_prompts, pairs, labels, seed,
                            evaluator, n_eval, verbose, **sampling):
         "Check and keep the settings every pipeline has (MoCAN's and PeCAN's `__init__` document them)."
         self.run_folder = RunFolder(output_dir)
+        count = lambda v, least: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
         if not len(prompts): raise ValueError("`prompts` is empty; pass the training prompts")
-        if n_samples < 2: raise ValueError(f"`n_samples` must be >= 2 (pairs need two responses); got {n_samples}")
+        if eval_prompts is not None and not len(eval_prompts):
+            raise ValueError("`eval_prompts` is empty; pass held-out prompts, or None to evaluate on the training prompts")
+        if not count(n_samples, 2): raise ValueError(f"`n_samples` must be >= 2 and an integer (pairs need two responses); got {n_samples!r}")
+        if not count(n_eval, 1): raise ValueError(f"`n_eval` must be an integer >= 1; got {n_eval!r}")
+        if not (pairs in ("all", "adjacent") or count(pairs, 1)):
+            raise ValueError(f"`pairs` must be 'all', 'adjacent' or a positive number of pairs per prompt; got {pairs!r}")
+        if labels not in LABEL_KINDS: raise ValueError(f"`labels` must be one of {LABEL_KINDS}; got {labels!r}")
         if not beta > 0: raise ValueError(f"`beta` must be > 0 (the KL coefficient); got {beta}")
         self.policy, self.tokenizer, self.prompts, self.beta = policy, tokenizer, list(prompts), float(beta)
         self.eval_prompts = list(eval_prompts) if eval_prompts is not None else self.prompts
