@@ -141,10 +141,12 @@ class _State:
 def _evaluate(P:_Problem, lam, thresholds)->_State:
     "Dual value and gradient at `lam` >= 0 with one pass of `exp` over the scores."
     p = P.pool.pop() if P.pool else np.empty_like(P.base)
+    if not lam.max(initial=0.0) <= 1e300 * P.beta:  # lam.g / beta may overflow: `_state` redoes every prompt
+        p[...] = 0.0
+        with np.errstate(over='ignore', invalid='ignore'): return _state(P, lam, thresholds, p)
     on = [k for k in range(len(lam)) if lam[k] > 0]
-    with np.errstate(over='ignore'): coef = lam / P.beta
-    if not coef.max(initial=0.0) <= 1e300: p[...] = 0.0  # lam.g / beta may overflow: `_state` redoes every prompt
-    elif not on: np.exp(P.base, out=p)
+    coef = lam / P.beta
+    if not on: np.exp(P.base, out=p)
     else:
         np.multiply(P.g[on[0]], coef[on[0]], out=p)
         p += P.base
@@ -167,7 +169,7 @@ def _state(P:_Problem, lam, thresholds, p)->_State:
     "The dual's value, gradient and per-prompt sums from the unnormalized tilted weights `p` at `lam`."
     s0 = p.sum(1)
     log_norm = P.top.copy()
-    rows = np.flatnonzero(s0 < 1e-100)  # also keeps s0 ** 2 (in the ESS) clear of underflow
+    rows = np.flatnonzero(s0 < 1e-200)
     if len(rows):  # all exponents of these prompts underflowed: recompute them relative to their largest
         z, z_max = _exponents(P, lam, rows)
         p[rows] = np.exp(z)
@@ -177,8 +179,7 @@ def _state(P:_Problem, lam, thresholds, p)->_State:
     eg = np.empty((len(P.g), len(p)))
     for k, gk in enumerate(P.g): eg[k] = np.einsum('ij,ij->i', p, gk) / s0
     M = len(p)  # means over prompts as sums / M: np.mean's overhead is not negligible at this size
-    with np.errstate(over='ignore', invalid='ignore'):
-        value = (P.beta * log_norm.sum() + P.r_max.sum()) / M + lam @ (P.reach - thresholds)
+    value = (P.beta * log_norm.sum() + P.r_max.sum()) / M + lam @ (P.reach - thresholds)
     return _State(lam, float(value), eg.sum(1) / M + P.reach - thresholds, p, s0, log_norm, eg)
 
 def _release(P:_Problem, *states):
@@ -445,7 +446,9 @@ def _metrics(P:_Problem, st:_State)->dict:
 def _result(P:_Problem, st:_State, iterations, converged, evaluations, return_weights=False, min_ess=2.0)->DualResult:
     "Collect the metrics and diagnostics of `st` into a `DualResult` (and warn about a tiny ESS)."
     metrics = _metrics(P, st)
-    ess = st.s0 ** 2 / np.einsum('ij,ij->i', st.p, st.p)
+    with np.errstate(invalid='ignore'): ess = st.s0 ** 2 / np.einsum('ij,ij->i', st.p, st.p)
+    tiny = np.flatnonzero(st.s0 < 1e-150)  # s0 ** 2 underflows (0 / 0 above): normalize these rows first
+    if len(tiny): ess[tiny] = 1 / np.einsum('ij,ij->i', st.p[tiny] / st.s0[tiny, None], st.p[tiny] / st.s0[tiny, None])
     if np.median(ess) < min_ess:
         warnings.warn(f"pi_lam concentrates on few responses: median effective sample size {np.median(ess):.3g} per "
                       f"prompt (min {ess.min():.3g}) at lam = {st.lam.tolist()}; lam* and the predicted metrics are then "
