@@ -34,8 +34,8 @@ SIZES = {
     "full": dict(seeds=5, ms=(1, 2), n_samples=128, epochs=40, refine_epochs=20, refine_rounds=2, pd_rounds=8,
                  pd_warm_epochs=10, pd_restart_rounds=5, n_estimate=64, ppo_steps=800, ppo_eval_every=50,
                  sacpo_grid={1: (0.125, 0.25, 0.5, 1.0), 2: (0.25, 0.5, 1.0)}, settings=(0, 1, 2)),
-    "small": dict(seeds=2, ms=(1, 2), n_samples=32, epochs=8, refine_epochs=4, refine_rounds=2, pd_rounds=4,
-                  pd_warm_epochs=3, pd_restart_rounds=3, n_estimate=32, ppo_steps=120, ppo_eval_every=20,
+    "small": dict(seeds=2, ms=(1, 2), n_samples=32, epochs=8, refine_epochs=4, refine_rounds=2, pd_rounds=3,
+                  pd_warm_epochs=3, pd_restart_rounds=2, n_estimate=32, ppo_steps=60, ppo_eval_every=20,
                   sacpo_grid={1: (0.25, 0.5), 2: (0.25, 0.5)}, settings=(1,)),
 }
 METHODS = ("mocan", "pd-warm", "pd-restart", "ppo-lag", "sacpo")
@@ -140,9 +140,9 @@ def wall_ratios(runs, baselines=("pd-warm", "pd-restart", "ppo-lag", "sacpo")):
     return out
 
 
-def benchmark(size_name, out_dir, methods=METHODS, **step_sizes):
-    "Run every method on every setting and seed of a size; write and return the results."
-    size, world = SIZES[size_name], load_toy_world()
+def benchmark(size_name, out_dir, methods=METHODS, overrides=None, file_name=None, **step_sizes):
+    "Run every method on every setting and seed of a size (with `overrides` of its entries); write and return the results."
+    size, world, file_name = dict(SIZES[size_name], **(overrides or {})), load_toy_world(), file_name or size_name
     settings = [(m, THRESHOLDS[m][k]) for m in size["ms"] for k in size["settings"]]
     info = {f"m={m} b={list(b)}": setting_info(world, m, b) for m, b in settings}
     runs, start = [], time.perf_counter()
@@ -164,7 +164,7 @@ def benchmark(size_name, out_dir, methods=METHODS, **step_sizes):
                             settings=info, runs=runs, table=summarize(runs), ratios=wall_ratios(runs),
                             seconds=time.perf_counter() - start))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{size_name}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{file_name}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -192,15 +192,20 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="the reduced size of CI's slow stage")
     p.add_argument("--sweep", action="store_true", help="run the step-size sweep instead of the benchmark")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to run")
+    p.add_argument("--ms", nargs="+", type=int, choices=(1, 2), help="numbers of constraints (default: the size's)")
+    p.add_argument("--settings", nargs="+", type=int, choices=(0, 1, 2), help="thresholds: 0 barely .. 2 strongly active")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the size's)")
+    p.add_argument("--name", help="results file name (default: the size)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where to write the JSON results")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     size = "small" if args.small else "full"
+    overrides = {k: v for k, v in dict(ms=args.ms, settings=args.settings, seeds=args.seeds).items() if v is not None}
     if args.sweep: return sweep(size, args.out)
-    result = benchmark(size, args.out, tuple(args.methods))
+    result = benchmark(size, args.out, tuple(args.methods), overrides, args.name or size)
     print(format_table(result["table"]))
     print("wall time to tolerance, primal-dual method / one-shot MoCAN, per seed:", json.dumps(result["ratios"]))
-    print(f"[bench] {size}: {result['seconds']:.0f} s -> {args.out / (size + '.json')}")
+    print(f"[bench] {size}: {result['seconds']:.0f} s -> {args.out / ((args.name or size) + '.json')}")
 
 
 if __name__ == "__main__":
