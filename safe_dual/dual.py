@@ -440,8 +440,16 @@ class DualResult:
 def _metrics(P:_Problem, st:_State)->dict:
     "E_{pi_lam}[r], E_{pi_lam}[g] and KL(pi_lam || pi_ref), averaged over prompts; the per-prompt E[r - r_max]."
     er = (np.einsum('ij,ij->i', st.p, P.base) * P.beta if P.r is None else np.einsum('ij,ij->i', st.p, P.r)) / st.s0
-    kl = np.mean((er + st.lam @ st.eg) / P.beta - st.log_norm)
+    if st.lam.max(initial=0.0) <= 1e8 * P.beta: kl = np.mean((er + st.lam @ st.eg) / P.beta - st.log_norm)
+    else: kl = _kl_direct(P, st)  # lam.(g - g_max) / beta and log_norm would cancel to rounding noise
     return dict(reward=float(np.mean(er + P.r_max)), safety=st.eg.mean(1) + P.reach, kl=max(float(kl), 0.0))
+
+def _kl_direct(P:_Problem, st:_State)->float:
+    "E_x KL(pi_lam || w) as sum_y q log(q / w) from the normalized weights q (for huge lam)."
+    q = st.p / st.s0[:, None]
+    logw = P.top[:, None] + (0.0 if P.r is None else P.base - P.r / P.beta)  # log w where base = (r - r_max)/beta + log w - top
+    with np.errstate(divide='ignore', invalid='ignore'): terms = np.where(q > 0, q * (np.log(q) - logw), 0.0)
+    return float(terms.sum(1).mean())
 
 def _result(P:_Problem, st:_State, iterations, converged, evaluations, return_weights=False, min_ess=2.0)->DualResult:
     "Collect the metrics and diagnostics of `st` into a `DualResult` (and warn about a tiny ESS)."

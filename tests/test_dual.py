@@ -458,3 +458,7 @@ def test_tilted_weights_stay_finite_for_huge_multipliers(p, huge, masked):
     u = np.where(True if mask is None else mask, safety @ (lam / lam.max()), -np.inf)
     best = np.isclose(u, u.max(1, keepdims=True), rtol=0, atol=1e-9)
     assert (q[~best] < 1e-12).all()
+    w = (np.ones(q.shape) if weights is None else weights) * (True if mask is None else mask)
+    w = w / w.sum(1, keepdims=True)  # pi_ref on the support
+    kl = (q * np.log(np.where(q > 0, q / np.where(q > 0, w, 1.0), 1.0))).sum(1).mean()
+    np.testing.assert_allclose(policy_metrics(rewards, safety, lam, beta, weights, mask)['kl'], kl, atol=1e-9)
