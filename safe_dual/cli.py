@@ -236,9 +236,9 @@ def check_config(config:dict, # settings, as `load_config` reads them
         data = "scorers" if kind == "mocan" else "preferences"
         problems += [f"the config needs `{k}` (or `world: toy`)" for k in ("policy", "prompts", data)
                      if k not in given and k in mine and not any(p.startswith(f"`{k}") for p in found)]
-    if "output_dir" in config:
-        if not isinstance(config["output_dir"], str): problems.append(f"`output_dir` must be a folder name; got {config['output_dir']!r}")
-        elif (problem := _output_dir_problem(config["output_dir"])): problems.append(problem)
+    if "output_dir" in values:
+        if values["output_dir"] is None: problems.append("`output_dir` must be a folder name; got None")
+        elif (problem := _output_dir_problem(values["output_dir"])): problems.append(problem)
     output_dir = values.get("output_dir") or f"{kind}_run"
     for key in ("policy", "tokenizer"):
         if key in given and values[key] != "smollm2" and (problem := _path_problem(key, values[key])): problems.append(problem)
@@ -387,10 +387,12 @@ def _pipeline(cfg, kind, verbose):
                      cfg.beta, **common)
 
 # %% ../nbs/09_cli.ipynb #301c065f
+_MET_TOL = 1e-6  # the dual's prediction sits on an active bound up to rounding
+
 def _met(values, bounds):
-    "'yes' when every value reaches its bound, 'no' when one does not, '-' without bounds."
+    "'yes' when every value reaches its bound (up to rounding), 'no' when one does not, '-' without bounds."
     if bounds is None: return "-"
-    return "yes" if np.all(np.asarray(values, dtype=float) >= np.asarray(bounds, dtype=float)) else "no"
+    return "yes" if np.all(np.asarray(values, dtype=float) >= np.asarray(bounds, dtype=float) - _MET_TOL) else "no"
 
 def _cell(v):
     "A number, or '-' for a value that does not apply (missing or NaN)."
@@ -420,7 +422,7 @@ def results_table(result:dict, # `MoCAN.evaluate()` / `PeCAN.evaluate()` result
     else:
         trained = result["improvement"] if pecan else result["trained"]
         b = np.broadcast_to(np.asarray(bounds, dtype=float), (m,))
-        missed = [what.format(n=n, b=bj) + f" (got {v:.4g})" for n, bj, v in zip(names, b, trained["safety"]) if v < bj]
+        missed = [what.format(n=n, b=bj) + f" (got {v:.4g})" for n, bj, v in zip(names, b, trained["safety"]) if v < bj - _MET_TOL]
         verdict = ("every constraint is met: " + ", ".join(what.format(n=n, b=bj) for n, bj in zip(names, b)) if not missed
                    else "not met: " + "; ".join(missed))
     saved = f"; results saved in {output_dir}" if output_dir is not None else ""
@@ -529,5 +531,4 @@ def main(argv=None):
         sys.exit(2)
 
 # %% ../nbs/09_cli.ipynb #ef08a9aa
-#| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and __spec__ is not None: main()  # `python -m`; a notebook kernel is __main__ without a spec

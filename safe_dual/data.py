@@ -391,7 +391,7 @@ def sample_responses(model, # causal LM = pi_ref (transformers or peft), on the 
     with state.split_between_processes(list(range(n_shards))) as mine:
         todo = [s for s in mine if not (out / _shard_name(s, n_shards)).exists()]
         total = sum(min(batches_per_shard, n_batches - s * batches_per_shard) for s in todo)
-        with _eval_mode(model), tqdm(total=total, desc=f"sampling (process {state.process_index})",
+        with _eval_mode(model), tqdm(total=total, desc="sampling" + (f" (process {state.process_index})" if state.num_processes > 1 else ""),
                                      disable=not progress or not progress_enabled() or not state.is_local_main_process) as bar:
             for s in todo:
                 _remove_dead_temps(out, _shard_name(s, n_shards))
