@@ -44,6 +44,7 @@ class _Problem:
     reach: np.ndarray    # (m,) largest reachable E[g_j] (each prompt's best response), the mean of g_max
     pool: list           # free (M, N) buffers for the tilted weights of `_evaluate`
     g_low: np.ndarray | None = None  # (m,) E_x min_y g_j(x, y), computed when first needed (`_low`)
+    exact: bool = False  # shift each evaluation by its exact row maxima: set while most prompts underflow (far-out lam)
 
 # %% ../nbs/00_dual.ipynb #74d18fce
 def _check_finite(x, name, support):
@@ -151,13 +152,19 @@ def _evaluate(P:_Problem, lam, thresholds)->_State:
         np.multiply(P.g[on[0]], coef[on[0]], out=p)
         p += P.base
         for k in on[1:]: p += coef[k] * P.g[k]
+        if P.exact:  # the fixed shifts underflow on most prompts here: one more pass for the exact row maxima
+            z_max = p.max(1)
+            p -= z_max[:, None]
+            P.exact = np.median(z_max) < -300.0  # back to the fixed shifts once they no longer underflow
+            return _state(P, lam, thresholds, np.exp(p, out=p), z_max)
         np.exp(p, out=p)
     return _state(P, lam, thresholds, p)
 
 def _exponents(P:_Problem, lam, rows):
     "Exponents of prompts `rows` relative to their maximum, and that maximum, for any lam >= 0 (even lam / beta = inf)."
     scale = lam.max() if lam.max() > 0 else 1.0
-    u = np.tensordot(lam / scale, P.g[:, rows], 1)  # (R, N) <= 0: the direction of lam, which decides for huge lam
+    u = (lam[0] / scale) * P.g[0, rows]  # (R, N) <= 0: the direction of lam, which decides for huge lam
+    for k in range(1, len(lam)): u += (lam[k] / scale) * P.g[k, rows]  # ufuncs, not tensordot: BLAS threads are slow here
     if P.support is not None: u[~P.support[rows]] = -np.inf
     u_max = u.max(1, keepdims=True)
     with np.errstate(over='ignore', invalid='ignore'):
@@ -165,14 +172,15 @@ def _exponents(P:_Problem, lam, rows):
         z_max = z.max(1)
         return z - z_max[:, None], z_max + np.where(u_max[:, 0] == 0, 0.0, (scale / P.beta) * u_max[:, 0])
 
-def _state(P:_Problem, lam, thresholds, p)->_State:
-    "The dual's value, gradient and per-prompt sums from the unnormalized tilted weights `p` at `lam`."
+def _state(P:_Problem, lam, thresholds, p, shift=None)->_State:
+    "The dual's value, gradient and per-prompt sums from the unnormalized tilted weights `p` (shifted by `shift`) at `lam`."
     s0 = p.sum(1)
-    log_norm = P.top.copy()
+    log_norm = P.top.copy() if shift is None else P.top + shift
     rows = np.flatnonzero(s0 < 1e-200)
     if len(rows):  # all exponents of these prompts underflowed: recompute them relative to their largest
+        if len(rows) > len(p) // 2: rows, P.exact = slice(None), True  # most of them: exact maxima from now on
         z, z_max = _exponents(P, lam, rows)
-        p[rows] = np.exp(z)
+        p[rows] = np.exp(z, out=z)
         s0[rows] = p[rows].sum(1)
         log_norm[rows] += z_max
     log_norm += np.log(s0)
@@ -391,8 +399,11 @@ def _tempered(P:_Problem, a)->_Problem:
 
 def _newton_tempered(P:_Problem, thresholds, tol, max_iter):
     "Newton from lam = 0 through the tempered problems a_k r up to a = 1; returns (state, iterations, converged, evaluations)."
+    st, it, ok, evaluations = _newton(P, thresholds, np.zeros(len(P.g)), tol, 0)  # lam = 0 may already be optimal
+    if ok: return st, it, ok, evaluations
+    _release(P, st)
     a = _SPREAD0 / _spread(P)
-    lam, iterations, evaluations = np.zeros(len(P.g)), 0, 0
+    lam, iterations = np.zeros(len(P.g)), 0
     while a < 1:
         st, it, _, evals = _newton(_tempered(P, a), thresholds, lam, tol, max_iter - iterations)
         iterations, evaluations = iterations + it, evaluations + evals

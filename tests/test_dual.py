@@ -462,3 +462,9 @@ def test_tilted_weights_stay_finite_for_huge_multipliers(p, huge, masked):
     w = w / w.sum(1, keepdims=True)  # pi_ref on the support
     kl = (q * np.log(np.where(q > 0, q / np.where(q > 0, w, 1.0), 1.0))).sum(1).mean()
     np.testing.assert_allclose(policy_metrics(rewards, safety, lam, beta, weights, mask)['kl'], kl, atol=1e-9)
+
+
+def test_slack_constraint_in_a_saturated_problem_costs_one_evaluation():
+    rewards, safety, _ = _scaled_problem(6)
+    res = solve_dual(1e6 * rewards, safety, [-5.0, -5.0], 0.5, min_ess=0)
+    assert res.converged and res.evaluations == 1 and (res.lam == 0).all()
