@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from fastcore.basics import patch
 from filelock import FileLock, Timeout
 import numpy as np
+import torch
 from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from .dual import solve_dual, bootstrap_dual, policy_metrics, _thresholds
@@ -63,6 +64,14 @@ def _remove(path:Path):
     if path.is_dir() and not path.is_symlink(): shutil.rmtree(path)
     elif path.exists() or path.is_symlink(): path.unlink()
 
+def _main_process()->bool:
+    "Whether this is the main process of a launched job (`RANK` 0), or the only process."
+    return os.environ.get("RANK", "0") == "0"
+
+def _wait_for_everyone():
+    "A barrier across the processes of a launched job, once they are connected (nothing for one process)."
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier()
+
 # %% ../nbs/05_mocan.ipynb #7726fb9f
 class RunFolderBusyError(ValueError):
     "Another live process holds the run folder."
@@ -92,7 +101,7 @@ def _changes(old:dict|None, new:dict, prefix="")->list:
 class RunFolder:
     "An output folder whose stages are saved with the settings that made them, so that a rerun resumes."
     def __init__(self, path): # the run's output folder
-        self.path, self._lock = _run_path(path), None
+        self.path, self._lock, self._results, self.main = _run_path(path), None, {}, _main_process()
 
     def key(self, settings:dict, upstream:str="")->str:
         "Key of a stage: hash of its settings and of the keys of the stages it consumes."
@@ -116,49 +125,64 @@ class RunFolder:
             stale = [k for k, v in (upstream or {}).items() if (old.get("upstream") or {}).get(k) != v]
             why = (f"settings changed ({', '.join(changed)})" if changed else
                    f"{', '.join(stale)} changed" if stale else "settings changed")
-        logger.info(f"[{name}] {why}: {_REDO.get(name, 'recomputing')}")
+        if self.main: logger.info(f"[{name}] {why}: {_REDO.get(name, 'recomputing')}")
         self.clear(name)
         return False
 
     def clear(self, name:str):
         "Remove stage `name`, `stage.json` first, so that a kill halfway leaves a stage that is plainly not done."
+        self._results.pop(name, None)
+        if not self.main: return
         (self.stage(name) / "stage.json").unlink(missing_ok=True)
         _remove(self.stage(name))
 
     def begin(self, name:str, key:str)->Path:
         "The folder of stage `name` for work under `key`: partial work of another key (or of none) is removed first."
         folder = self.stage(name)
-        if folder.exists() and (read_json(folder / "started.json") or {}).get("key") != key:
-            if any(p.name != "started.json" for p in folder.iterdir()):
-                logger.info(f"[{name}] partial work of other settings removed")
-            self.clear(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        for tmp in folder.glob(".tmp-*"): _remove(tmp)  # left by a killed run; the folder is locked
-        if not (folder / "started.json").exists(): write_json(folder / "started.json", dict(key=key))
+        if self.main:
+            if folder.exists() and (read_json(folder / "started.json") or {}).get("key") != key:
+                if any(p.name != "started.json" for p in folder.iterdir()):
+                    logger.info(f"[{name}] partial work of other settings removed")
+                self.clear(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            for tmp in folder.glob(".tmp-*"): _remove(tmp)  # left by a killed run; the folder is locked
+            if not (folder / "started.json").exists(): write_json(folder / "started.json", dict(key=key))
+        _wait_for_everyone()
         return folder
 
     @contextmanager
     def writing(self, name:str, artifact:str):
         "A temporary path for artifact `artifact` of stage `name`, renamed into place when the block succeeds."
         final = self.stage(name) / artifact
-        tmp = final.with_name(f".tmp-{final.name}")
+        tmp = final.with_name(f".tmp-{final.name}" + ("" if self.main else f"-{os.getpid()}"))
         _remove(tmp)
         yield tmp
-        _remove(final)
-        os.replace(tmp, final)
+        if self.main:
+            _remove(final)
+            os.replace(tmp, final)
+        else: _remove(tmp)  # the main process saves the artifact
 
     def finish(self, name:str, key:str, settings:dict, result:dict|None=None, artifacts:Sequence[str]=(),
                upstream:dict|None=None):
         "Mark stage `name` finished: its settings, `result`, artifact names and upstream keys go to `stage.json`."
-        self.stage(name).mkdir(parents=True, exist_ok=True)
-        write_json(self.stage(name) / "stage.json", dict(key=key, settings=settings, upstream=upstream or {},
-                                                         artifacts=list(artifacts), result=result))
+        self._results[name] = json.loads(json.dumps(_jsonable(result)))  # as `result` will read it back
+        if self.main:
+            self.stage(name).mkdir(parents=True, exist_ok=True)
+            write_json(self.stage(name) / "stage.json", dict(key=key, settings=settings, upstream=upstream or {},
+                                                             artifacts=list(artifacts), result=result))
+        _wait_for_everyone()  # every process of a launched job now sees the finished stage
 
-    def result(self, name:str)->dict: return read_json(self.stage(name) / "stage.json")["result"]
+    def result(self, name:str)->dict:
+        "The `result` saved with stage `name`."
+        if name in self._results: return self._results[name]
+        return read_json(self.stage(name) / "stage.json")["result"]
 
     @contextmanager
     def lock(self):
         "Hold the folder for this process (re-entrant); a second process fails at once, naming the holder."
+        if not self.main:  # the main process holds it for the job
+            yield self
+            return
         if self._lock is None:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = FileLock(self.path / ".lock", timeout=0)
@@ -312,7 +336,9 @@ class MoCAN:
             if k in given: raise ValueError(f"`{arg}` may not set `{k}`; {name} sets it (pass `{k}` to {name})")
         given, problems = check_settings(PseudoPreferenceConfig, given)
         if problems: raise ValueError(f"`{arg}`: " + "; ".join(problems))
-        self._config(given, self.output_dir / "checkpoints", self.beta, **defaults)
+        # the whole config (choices such as `loss_type`, `save_strategy`) is built here only in a single process: in a
+        # launched job, building `TrainingArguments` before sampling would set up accelerate's state for one process
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1: self._config(given, self.output_dir / "checkpoints", self.beta, **defaults)
         return given
 
     @property
@@ -463,7 +489,7 @@ def resume_checkpoint(folder:Path, # a `Trainer` output folder holding `checkpoi
         problem = checkpoint_problem(ckpt)
         if problem is None: return str(ckpt)
         logger.warning(f"[{stage}] {ckpt.name} is incomplete ({problem}): skipped and removed")
-        _remove(ckpt)
+        if _main_process(): _remove(ckpt)
     return None
 
 # %% ../nbs/05_mocan.ipynb #a2414843
@@ -486,7 +512,7 @@ def label(self:MoCAN)->Dataset:
     with self.run_folder.writing("label", "data") as tmp: out.save_to_disk(tmp)
     self._finish("label", settings, dict(lam=lam, rows=len(out)), ["data"])
     logger.info(f"[label] {len(out)} {'lists' if listwise else 'pairs'} labelled at lam* = {_fmt(lam)}")
-    return load_from_disk(folder / "data")
+    return out
 
 @patch
 def _label_columns(self:MoCAN)->dict:
@@ -499,6 +525,7 @@ def _fit(self:MoCAN, stage:str, data:Dataset, model, beta:float, settings:dict, 
     folder = self.run_folder.begin(stage, self._keys[stage])
     args = self._config(settings, folder / "checkpoints", beta, **defaults)
     trainer = PseudoPreferenceTrainer(model, self.tokenizer, data, args)
+    _wait_for_everyone()  # the processes of a launched job are connected now: all see the checkpoints `begin` kept
     resume = resume_checkpoint(folder / "checkpoints", stage)
     length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
     rows = "lists" if args.loss_type == "listwise" else "pairs"

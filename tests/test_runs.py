@@ -365,3 +365,30 @@ def test_unconverged_dual_stops_the_run(world, tmp_path, monkeypatch):
         mocan(world, tmp_path).run()
     assert (tmp_path / "collect" / "stage.json").exists()
     assert not any((tmp_path / s).exists() for s in ("dual", "label", "train", "evaluate"))
+
+
+LAUNCHED_RUN = """
+    import os, sys
+    from safe_dual.toy import load_toy_world, exact_metrics
+    from safe_dual.mocan import MoCAN
+    world = load_toy_world()
+    result = MoCAN(world.new_model(), world.tokenizer, world.prompts, dict(reward=world.reward_scorer, safety=world.safety_scorers),
+                   (-0.25, -0.4), 1.0, n_samples=4, output_dir=sys.argv[1], max_new_tokens=world.max_new_tokens, batch_size=64,
+                   train_args=dict(loss_type="listwise", use_lora=False, learning_rate=3e-3, max_steps=4,
+                                   per_device_train_batch_size=4, save_strategy="steps", save_steps=2, disable_tqdm=True),
+                   evaluator=lambda model: exact_metrics(model, world), bootstrap=0).run()
+    print("RESULT", os.environ["RANK"], result["lam"], result["trained"]["kl"])
+"""
+
+
+def test_launched_job_is_one_run(tmp_path):
+    "Two processes under torchrun (as `accelerate launch` starts them) share the folder: one lock, one writer, one result."
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(LAUNCHED_RUN))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "run")],
+                          env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = sorted(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    assert [r[0] for r in results] == ["0", "1"] and results[0][1] == results[1][1]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", ".lock.json", "collect", "dual", "evaluate", "label", "train"]
+    assert not list((tmp_path / "run").rglob(".tmp-*"))
