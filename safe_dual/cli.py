@@ -453,10 +453,15 @@ def _join_negative_values(argv:list)->list:
         else: out.append(argv[i]); i += 1
     return out
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    "Help that shows each option's default, except where there is none (None) or it is an off flag (False)."
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
 def build_parser()->argparse.ArgumentParser:
     "The `safe-dual` argument parser with its subcommands."
     from safe_dual import __version__
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelp
     p = argparse.ArgumentParser(prog="safe-dual", formatter_class=fmt,
                                 description="Constrained alignment by optimal dualization (MoCAN, PeCAN).")
     p.add_argument("--version", action="version", version=f"safe-dual {__version__}")
