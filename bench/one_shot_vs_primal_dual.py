@@ -120,7 +120,7 @@ def format_table(table):
     "The table as aligned text."
     head = f"{'setting':<22}{'method':<18}{'reach':>6}{'wall→tol':>10}{'samples':>9}{'steps':>7}{'wall':>8}" \
            f"{'|g-b| mean±sd':>17}{'r-r* mean±sd':>17}{'KL(pi||pi*)':>13}"
-    fmt = lambda x, f: "-" if x is None else format(x, f)
+    fmt = lambda x, f: format("-", ">" + f.split(".")[0]) if x is None else format(x, f)
     lines = [head]
     for t in table:
         lines.append(f"{t['setting']:<22}{t['method']:<18}{t['reached']:>3}/{t['seeds']:<2}{fmt(t['wall_to_tol'], '10.1f')}"
