@@ -266,6 +266,7 @@ def _fmt(xs)->str: return "[" + ", ".join(f"{float(x):.3g}" for x in np.atleast_
 
 class MoCAN:
     "Model-based constrained alignment: collect, dual, label, train and evaluate, each stage saved and resumable."
+    refine = 0  # refinement rounds after `train`'s one-shot run; a subclass with its own `__init__` (PeCAN) stays one-shot
     def __init__(self,
                  policy,          # causal LM = pi_ref (transformers); the adapter is trained on it
                  tokenizer,       # its tokenizer, with a pad token
@@ -289,6 +290,7 @@ class MoCAN:
                  n_eval:int=4,     # responses per prompt when evaluating by sampling
                  bootstrap:int=200, # bootstrap resamples for the dual's intervals (0: none)
                  verbose:bool=False, # show the progress bars and info logs of datasets and transformers
+                 refine:int=0,    # CAID-style rounds after the one-shot run (`baselines.refine`): E[g] from fresh samples, corrected lam, warm-started retraining
                 ):
         self.safety = safety_scorers(scorers)
         self.scorers = {"reward": scorers["reward"], **self.safety}
@@ -300,6 +302,9 @@ class MoCAN:
         if not (isinstance(bootstrap, (int, np.integer)) and not isinstance(bootstrap, bool) and bootstrap >= 0):
             raise ValueError(f"`bootstrap` must be an integer >= 0 (0: no intervals); got {bootstrap!r}")
         self.bootstrap = bootstrap
+        if not (isinstance(refine, (int, np.integer)) and not isinstance(refine, bool) and refine >= 0):
+            raise ValueError(f"`refine` must be an integer >= 0 (refinement rounds; 0: one-shot); got {refine!r}")
+        self.refine = int(refine)
 
     def _keep_run_settings(self, policy, tokenizer, prompts, beta, n_samples, output_dir, eval_prompts, pairs, labels, seed,
                            evaluator, n_eval, verbose, **sampling):
@@ -543,7 +548,7 @@ def _fit(self:MoCAN, stage:str, data:Dataset, model, beta:float, settings:dict, 
 def train(self:MoCAN):
     "Stage `train`: one pseudo-preference optimization run; returns the trained policy (a peft model by default)."
     data = self.label()
-    settings = dict(self.train_args, base=self.fingerprints)
+    settings = dict(self.train_args, base=self.fingerprints, **({"refine": self.refine} if self.refine else {}))
     key, done = self._stage("train", settings, ["label"])
     if self.model is not None and self._model_key == key: return self.model
     folder, base = self.run_folder.stage("train"), self._reference()
@@ -556,9 +561,25 @@ def train(self:MoCAN):
         model = base if self.train_args.get("use_lora", True) else copy.deepcopy(base)
         trainer = self._fit("train", data, model, self.beta, self.train_args)
         self.model = trainer.model.eval()
-        self._finish("train", settings, dict(log=trainer.state.log_history), ["model"])
+        result = dict(log=trainer.state.log_history, **({"refine": self._refine_model()} if self.refine else {}))
+        self._finish("train", settings, result, ["model"])
     self._model_key = key
     return self.model
+
+@patch
+def _refine_model(self:MoCAN)->dict: # lam and records of the refinement rounds
+    "`refine` rounds of CAID-style refinement of the trained policy (`baselines.refine`), saved over the one-shot model."
+    from safe_dual.baselines import refine  # baselines builds on this module
+    if self.thresholds is None: raise ValueError("`refine` > 0 needs `thresholds`; refinement corrects lam towards them")
+    s = self.sampling
+    out = refine(self.model, self.tokenizer, self.prompts, dict(reward=self.scorers["reward"], safety=self.safety), self.collect(),
+                 self.dual()["lam"], self.thresholds, self.beta, rounds=self.refine, train_args=self.train_args, seed=self.seed,
+                 max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], chat_template=s["chat_template"])
+    self.model = out["model"]
+    with self.run_folder.writing("train", "model") as tmp:
+        self.model.save_pretrained(str(tmp))
+        self.tokenizer.save_pretrained(str(tmp))
+    return dict(lam=out["lam"], records=out["records"])
 
 # %% ../nbs/05_mocan.ipynb #d9c5d116
 @patch

@@ -185,3 +185,20 @@ def test_refine_with_a_dual_step(world):
                      n_estimate=4, train_args=TINY, eta=2.0, z=0.0, meter=meter, **kw)
     rec = out["records"][0]
     np.testing.assert_allclose(rec["lam"], dual_step([0.3, 0.3], rec["safety_estimate"], [-0.25, -0.4], 2.0), atol=1e-12)
+
+
+def test_mocan_refine_option_refines_saves_and_resumes(world, tmp_path):
+    from safe_dual.mocan import MoCAN
+    scorers, ev, _ = _setup(world)
+    make = lambda refine: MoCAN(world.new_model(), world.tokenizer, world.prompts, scorers, (-0.25, -0.4), 1.0, n_samples=4,
+                                output_dir=tmp_path, max_new_tokens=world.max_new_tokens, batch_size=256, train_args=TINY,
+                                evaluator=ev, bootstrap=0, refine=refine)
+    with pytest.raises(ValueError, match="`refine`"): make(-1)
+    with one_thread(torch.device("cpu")):
+        mo = make(1)
+        first = mo.run()
+        refined = mo.run_folder.result("train")["refine"]
+        assert len(refined["records"]) == 1 and refined["records"][0]["round"] == 1
+        again = make(1).run()  # same settings: nothing is trained again, the saved (refined) model is evaluated
+    np.testing.assert_allclose(again["trained"]["safety"], first["trained"]["safety"], atol=1e-6)
+    assert MoCAN.refine == 0  # a class default, so PeCAN (which has its own `__init__`) stays one-shot
