@@ -496,7 +496,7 @@ def demo_command(args)->str:
     "Run the toy-world demo and return its results table (the `safe-dual demo` subcommand)."
     from safe_dual.demo import toy_demo, demo_table, held_out_table
     thresholds = _parse_thresholds([args.threshold], 2)[0]
-    r = toy_demo(args.output_dir, beta=args.beta, thresholds=thresholds, n_samples=args.n_samples)
+    r = toy_demo(args.output_dir, beta=args.beta, thresholds=thresholds, n_samples=args.n_samples, verbose=args.verbose)
     head = ["policy", "E[r]", "E[g1]", "E[g2]", "KL", "met"]
     met = all(r["rows"]["MoCAN"]["met"])
     return (f"MoCAN on the toy world (exact metrics): beta = {r['beta']}, thresholds E[g1] >= {thresholds[0]}, "

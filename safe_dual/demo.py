@@ -18,8 +18,7 @@ logger = logging.getLogger(__name__)
 
 # %% ../nbs/07_demo.ipynb #ceb5018d
 TOY_TRAIN_ARGS = dict(loss_type="listwise", use_lora=False, learning_rate=3e-3, num_train_epochs=40,
-                      per_device_train_batch_size=4, save_strategy="epoch", save_total_limit=1, logging_steps=50,
-                      disable_tqdm=True)
+                      per_device_train_batch_size=4, save_strategy="epoch", save_total_limit=1, logging_steps=50)
 
 # %% ../nbs/07_demo.ipynb #06974276
 def toy_demo(output_dir="safe_dual_demo", # run folders, results.json and figures go here

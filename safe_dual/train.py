@@ -351,6 +351,9 @@ class PseudoPreferenceConfig(TrainingArguments):
             raise ValueError("`remove_unused_columns=True` would drop the preference columns the collator needs; "
                              "leave it False.")
         if not torch.accelerator.is_available(): self.dataloader_pin_memory = False  # pinning needs an accelerator
+        # the step bar (`TrainProgress`) follows `show_progress`; transformers would tie it to its log level, which
+        # `quiet_third_party` raises
+        if self.disable_tqdm is None: self.disable_tqdm = False
         super().__post_init__()
 
 # %% ../nbs/04_train.ipynb #880f8706
