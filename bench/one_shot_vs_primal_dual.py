@@ -142,6 +142,35 @@ def wall_ratios(runs, baselines=("pd-warm", "pd-restart", "ppo-lag", "sacpo")):
     return out
 
 
+def goals(result, baselines=("pd-warm", "pd-restart", "ppo-lag", "sacpo")):
+    "The issue's two goals per setting: one-shot vs the best primal-dual method, and what refinement buys at what cost."
+    out = {}
+    for setting in result["settings"]:
+        rows = {t["method"]: t for t in result["table"] if t["setting"] == setting}
+        runs = {}
+        for r in result["runs"]:
+            if r["setting"] == setting: runs.setdefault(r["method"], []).append(r)
+        reached = [m for m in baselines if m in rows and rows[m]["wall_to_tol"] is not None]
+        best = min(reached, key=lambda m: rows[m]["wall_to_tol"]) if reached else None
+        one = rows.get("mocan (one-shot)")
+        spread = lambda m: float(np.std([r["summary"]["constraint_error"] for r in runs[m]]))
+        g = dict(best_primal_dual=best, one_shot_reached=f"{one['reached']}/{one['seeds']}" if one else None)
+        if best and one and one["wall_to_tol"] is not None:
+            g["wall_ratio_best_over_one_shot"] = rows[best]["wall_to_tol"] / one["wall_to_tol"]
+            g["one_shot_3x_faster"] = g["wall_ratio_best_over_one_shot"] >= 3
+        if best and one:
+            g["constraint_error_sd"] = dict(one_shot=spread("mocan (one-shot)"), best=spread(best))
+            g["smaller_spread"] = g["constraint_error_sd"]["one_shot"] < g["constraint_error_sd"]["best"]
+        if one and "mocan + refine" in rows:
+            ref = rows["mocan + refine"]
+            g["refine"] = dict(error_one_shot=one["constraint_error"][0], error_refined=ref["constraint_error"][0],
+                               cost_ratio=ref["total_wall"] / one["total_wall"])
+            g["refine"]["halves_error_at_2x"] = bool(g["refine"]["error_refined"] <= 0.5 * g["refine"]["error_one_shot"]
+                                                     and g["refine"]["cost_ratio"] <= 2)
+        out[setting] = g
+    return out
+
+
 def benchmark(size_name, out_dir, methods=METHODS, overrides=None, file_name=None, **step_sizes):
     "Run every method on every setting and seed of a size (with `overrides` of its entries); write and return the results."
     size, world, file_name = dict(SIZES[size_name], **(overrides or {})), load_toy_world(), file_name or size_name
@@ -165,6 +194,7 @@ def benchmark(size_name, out_dir, methods=METHODS, overrides=None, file_name=Non
                                                         ppo_lambda_lr=PPO_LAMBDA_LR, **step_sizes),
                             settings=info, runs=runs, table=summarize(runs), ratios=wall_ratios(runs),
                             seconds=time.perf_counter() - start))
+    result["goals"] = _jsonable(goals(result))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{file_name}.json").write_text(json.dumps(result, indent=1))
     return result
@@ -207,6 +237,7 @@ def main(argv=None):
     result = benchmark(size, args.out, tuple(args.methods), overrides, args.name or size)
     print(format_table(result["table"]))
     print("wall time to tolerance, primal-dual method / one-shot MoCAN, per seed:", json.dumps(result["ratios"]))
+    print("goals:", json.dumps(result["goals"], indent=1))
     print(f"[bench] {size}: {result['seconds']:.0f} s -> {args.out / ((args.name or size) + '.json')}")
 
 
