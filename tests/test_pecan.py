@@ -1,8 +1,9 @@
-"PeCAN on the toy world: which stages a change reruns, named and single safety sets, the listwise path."
+"PeCAN on the toy world: which stages a change reruns, named and single safety sets, the listwise path, held-out calibration."
 import numpy as np
 import pytest
 import torch
-from safe_dual.pecan import PeCAN
+from hypothesis import given, settings, strategies as st
+from safe_dual.pecan import PeCAN, fit_bt_scale
 from safe_dual.toy import load_toy_world, exact_metrics, toy_preferences
 
 TINY = dict(learning_rate=1e-2, num_train_epochs=1, per_device_train_batch_size=32, logging_strategy="no",
@@ -64,3 +65,34 @@ def test_rerun_with_same_settings_loads_everything(world, tmp_path):
     again = pecan(world, tmp_path, safety, margins=0.0, evaluator=evaluator).run()
     assert stamps(tmp_path, stages) == before
     assert again == first
+
+
+def test_holdout_zero_reads_the_nominal_temperatures(world, tmp_path):
+    p = pecan(world, tmp_path, toy_preferences(world, 48, 0, seed=2), margins=0.0, beta_r=0.5, beta_g=2.0, holdout=0.0)
+    dual = p.dual()
+    assert "calibration" not in p.run_folder.result("prealign/helpful")
+    assert (dual["fitted_beta_r"], dual["fitted_beta_g"]) == (0.5, [2.0])
+
+
+def test_holdout_fits_on_pairs_it_did_not_train_on(world, tmp_path):
+    data = toy_preferences(world, 48, 0, seed=2)
+    p = pecan(world, tmp_path, data, margins=0.0, holdout=0.25)
+    train, heldout = p._split("safety", data)
+    assert (len(train), len(heldout)) == (36, 12)
+    rows = lambda d: sorted(zip(d["prompt"], d["chosen"], d["rejected"]))
+    assert sorted(rows(train) + rows(heldout)) == rows(data)
+    p.prealign()
+    calibration = p.run_folder.result("prealign/safety")["calibration"]
+    assert calibration["pairs"] == 12 and calibration["beta"] == 1.0
+    assert p.fitted_beta_of("safety") == (calibration["fitted_beta"] if calibration["used"] else 1.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=st.floats(0.2, 5.0), stretch=st.floats(0.1, 10.0), seed=st.integers(0, 2**16))
+def test_fit_bt_scale_soft_labels_and_stretch(scale, stretch, seed):
+    "Soft labels at a scale give it back exactly; stretching the margins by k divides the scale by k."
+    margins = np.random.default_rng(seed).normal(0, 1, 200)
+    labels = 1 / (1 + np.exp(-scale * margins))
+    c, se = fit_bt_scale(margins, labels)
+    assert abs(c - scale) < 1e-6 * scale and se > 0
+    assert abs(fit_bt_scale(stretch * margins, labels)[0] - scale / stretch) < 1e-6 * scale / stretch
