@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['logger', 'write_json', 'read_json', 'RunFolderBusyError', 'RunFolder', 'safety_scorers', 'win_rate', 'exact_win_rate',
-           'sampled_metrics', 'MoCAN', 'DualNotConvergedError', 'dual_summary', 'check_converged', 'checkpoint_problem',
-           'resume_checkpoint', 'plot_predicted_vs_realized', 'safety_spread']
+           'map_shards', 'sampled_metrics', 'MoCAN', 'DualNotConvergedError', 'dual_summary', 'check_converged',
+           'checkpoint_problem', 'resume_checkpoint', 'plot_predicted_vs_realized', 'safety_spread']
 
 # %% ../nbs/05_mocan.ipynb #4f0f6716
 import copy, hashlib, json, logging, os, shutil, socket, time, zipfile
@@ -17,7 +17,8 @@ from fastcore.basics import patch
 from filelock import FileLock, Timeout
 import numpy as np
 import torch
-from datasets import Dataset, load_from_disk
+from accelerate import PartialState
+from datasets import Dataset, concatenate_datasets, load_from_disk
 from peft import PeftModel
 from .dual import solve_dual, bootstrap_dual, policy_metrics, _thresholds
 import matplotlib.pyplot as plt
@@ -68,9 +69,28 @@ def _main_process()->bool:
     "Whether this is the main process of a launched job (`RANK` 0), or the only process."
     return os.environ.get("RANK", "0") == "0"
 
+def _launched()->bool:
+    "Whether this process is one of several of a launched job (torchrun, `accelerate launch`)."
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+def _connect():
+    "Join the process group of a launched job now: a resumed run meets its first barrier before any sampling would join it."
+    if _launched() and not torch.distributed.is_initialized(): PartialState(cpu=not torch.cuda.is_available())
+
 def _wait_for_everyone():
     "A barrier across the processes of a launched job, once they are connected (nothing for one process)."
     if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier()
+
+def _agreed(flag:bool)->bool:
+    "The main process's `flag` on every process of a launched job (`flag` itself for one process)."
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return flag
+    box = torch.tensor([int(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.broadcast(box, src=0)
+    return bool(box.item())
+
+def _on_main(f:Callable, *args):
+    "`f(*args)` on the main process only (None on the others, which read the stage's result that the main process saves)."
+    return f(*args) if _main_process() else None
 
 # %% ../nbs/05_mocan.ipynb #7726fb9f
 class RunFolderBusyError(ValueError):
@@ -112,6 +132,13 @@ class RunFolder:
 
     def done(self, name:str, key:str, settings:dict|None=None, upstream:dict|None=None)->bool:
         "Whether stage `name` finished with this key; otherwise says in one line why it is redone and removes it."
+        # the main process decides for a launched job: another process that looked later could find the stage already done
+        finished = _agreed(self._done(name, key, settings, upstream) if self.main else False)
+        if not finished: self._results.pop(name, None)
+        return finished
+
+    def _done(self, name:str, key:str, settings:dict|None, upstream:dict|None)->bool:
+        "`done` as the main process finds it."
         meta = self.stage(name) / "stage.json"
         if not meta.exists(): return False
         old = read_json(meta)
@@ -125,7 +152,7 @@ class RunFolder:
             stale = [k for k, v in (upstream or {}).items() if (old.get("upstream") or {}).get(k) != v]
             why = (f"settings changed ({', '.join(changed)})" if changed else
                    f"{', '.join(stale)} changed" if stale else "settings changed")
-        if self.main: logger.info(f"[{name}] {why}: {_REDO.get(name, 'recomputing')}")
+        logger.info(f"[{name}] {why}: {_REDO.get(name, 'recomputing')}")
         self.clear(name)
         return False
 
@@ -165,17 +192,18 @@ class RunFolder:
     def finish(self, name:str, key:str, settings:dict, result:dict|None=None, artifacts:Sequence[str]=(),
                upstream:dict|None=None):
         "Mark stage `name` finished: its settings, `result`, artifact names and upstream keys go to `stage.json`."
-        self._results[name] = json.loads(json.dumps(_jsonable(result)))  # as `result` will read it back
+        self._results.pop(name, None)
         if self.main:
+            self._results[name] = json.loads(json.dumps(_jsonable(result)))  # as `result` will read it back
             self.stage(name).mkdir(parents=True, exist_ok=True)
             write_json(self.stage(name) / "stage.json", dict(key=key, settings=settings, upstream=upstream or {},
                                                              artifacts=list(artifacts), result=result))
-        _wait_for_everyone()  # every process of a launched job now sees the finished stage
+        _wait_for_everyone()  # every process of a launched job now sees the finished stage, and reads its result from it
 
     def result(self, name:str)->dict:
         "The `result` saved with stage `name`."
-        if name in self._results: return self._results[name]
-        return read_json(self.stage(name) / "stage.json")["result"]
+        if name not in self._results: self._results[name] = read_json(self.stage(name) / "stage.json")["result"]
+        return self._results[name]
 
     @contextmanager
     def lock(self):
@@ -232,12 +260,32 @@ def exact_win_rate(probs:np.ndarray,     # (M, K) the policy's probabilities of 
     diff = np.sign(scores[:, :, None] - scores[:, None, :])  # (M, K, K): +1 win, 0 tie, -1 loss
     return float(np.einsum("ik,il,ikl->i", probs, ref_probs, 0.5 * (diff + 1)).mean())
 
+# %% ../nbs/05_mocan.ipynb #c3a9f0e4
+def map_shards(f:Callable,        # f(shard) -> Dataset: the shard's rows with columns added (e.g. `score` with scorers)
+               samples:Path,      # folder that `sample_responses` wrote its shards to
+               output_dir:Path,   # one result per shard goes here, so that a killed run redoes only the rest
+              )->Dataset:         # the results of every shard, in row order
+    "`f` of every shard of a `sample_responses` folder, each process of a launched job taking its share, merged."
+    samples, output_dir = Path(samples), Path(output_dir)
+    names = sorted(p.name for p in samples.glob("shard-*"))
+    rank, processes = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in np.array_split(np.array(names), processes)[rank]:  # contiguous, as `sample_responses` splits its shards
+        if (output_dir / name).exists(): continue
+        for left in output_dir.glob(f".tmp-{name}-*"): _remove(left)  # a killed run's; this process alone owns the shard
+        tmp = output_dir / f".tmp-{name}-{os.getpid()}"
+        f(load_from_disk(samples / name)).save_to_disk(tmp)
+        os.replace(tmp, output_dir / name)
+    _wait_for_everyone()
+    return concatenate_datasets([load_from_disk(output_dir / name) for name in names])
+
 # %% ../nbs/05_mocan.ipynb #a170b6c6
 def sampled_metrics(model, # trained policy as a peft model: its adapter is the policy, disabled it is pi_ref
                     tokenizer, # its tokenizer
                     prompts:Sequence[str], # evaluation prompts
                     scorers:dict, # column name -> scorer: "reward" and the safety columns, in order
                     n:int=4, # responses per prompt and policy
+                    output_dir=None, # folder for both policies' samples, scored shard by shard (needed with several processes)
                     **sample_kwargs, # passed to `sample_responses`: max_new_tokens, batch_size, seed, chat_template
                    )->dict:  # pi_ref/trained: {reward, safety (m,), kl}; win_rate: {column: rate}
     "Mean scores of the trained policy and of pi_ref on sampled responses, win rates and a Monte Carlo KL."
@@ -245,10 +293,19 @@ def sampled_metrics(model, # trained policy as a peft model: its adapter is the 
         raise ValueError("`sampled_metrics` compares a peft model with its adapter disabled (pi_ref); got a "
                          f"{type(model).__name__}. Train with `use_lora=True` or evaluate with an `evaluator`.")
     safety = [c for c in scorers if c != "reward"]
-    trained = score(sample_responses(model, tokenizer, prompts, n, progress=False, **sample_kwargs), scorers)
-    with model.disable_adapter():
-        ref = score(sample_responses(model, tokenizer, prompts, n, progress=False, **sample_kwargs), scorers)
-        ref_logps = sequence_logprobs(model, tokenizer, trained, progress=False)
+    def sampled(name, f):
+        "`f` of the policy's samples: in memory, or in `output_dir/name` shard by shard, each process its share."
+        if output_dir is None: return f(sample_responses(model, tokenizer, prompts, n, progress=False, **sample_kwargs))
+        folder = Path(output_dir) / name
+        sample_responses(model, tokenizer, prompts, n, progress=False, output_dir=folder / "samples", **sample_kwargs)
+        return map_shards(f, folder / "samples", folder / "scored")
+    def with_ref_logps(samples):
+        "The trained policy's samples scored, with their log-prob under pi_ref for the KL."
+        with model.disable_adapter(): ref_logps = sequence_logprobs(model, tokenizer, samples, progress=False)
+        return score(samples, scorers).add_column("pi_ref_logp", ref_logps)
+    trained = sampled("trained", with_ref_logps)
+    with model.disable_adapter(): ref = sampled("pi_ref", lambda samples: score(samples, scorers))
+    ref_logps = np.asarray(trained["pi_ref_logp"])
     means = lambda ds: dict(reward=float(np.mean(ds["reward"])), safety=[float(np.mean(ds[c])) for c in safety])
     return dict(pi_ref=dict(means(ref), kl=0.0),
                 trained=dict(means(trained), kl=float(np.mean(np.asarray(trained["ref_logp"]) - ref_logps))),
@@ -256,9 +313,10 @@ def sampled_metrics(model, # trained policy as a peft model: its adapter is the 
 
 # %% ../nbs/05_mocan.ipynb #b0f8c657
 def _stage_method(f):
-    "A pipeline stage: runs with the run folder locked and third-party progress bars and logs quiet."
+    "A pipeline stage: runs with a launched job's processes connected, the run folder locked and third-party bars and logs quiet."
     @wraps(f)
     def stage(self, *args, **kwargs):
+        _connect()
         with self.run_folder.lock(), quiet_third_party(self.verbose): return f(self, *args, **kwargs)
     return stage
 
@@ -331,7 +389,8 @@ class MoCAN:
 
     def _config(self, settings:dict, output_dir, beta:float, **defaults)->PseudoPreferenceConfig:
         "The `PseudoPreferenceConfig` of a training run: `settings` over the pipeline's defaults."
-        base = dict(seed=self.seed, report_to="none", **defaults)
+        base = dict(seed=self.seed, report_to="none", ddp_find_unused_parameters=False, **defaults)
+        if _launched() and not torch.cuda.is_available(): base["use_cpu"] = True  # else each CPU process trains alone, without DDP
         return PseudoPreferenceConfig(output_dir=str(output_dir), beta=beta, **(base | settings))
 
     def _checked_args(self, arg:str, given:dict|None, **defaults)->dict:
@@ -388,11 +447,11 @@ def collect(self:MoCAN)->Dataset:
     logger.info(f"[collect] {len(self.prompts)} prompts x {self.sampling['n']} responses from pi_ref, scored by "
                 f"{', '.join(self.scorers)}")
     policy = self._reference()
-    data = sample_responses(policy, self.tokenizer, self.prompts, output_dir=folder / "samples", **self.sampling)
-    data = score(data, self.scorers)
+    sample_responses(policy, self.tokenizer, self.prompts, output_dir=folder / "samples", **self.sampling)
+    data = map_shards(lambda shard: score(shard, self.scorers), folder / "samples", folder / "scored")
     with self.run_folder.writing("collect", "data") as tmp: data.save_to_disk(tmp)
     # pi_ref is evaluated now, while no training has touched `policy` (full fine-tuning trains it in place)
-    self._finish("collect", settings, None if self.evaluator is None else dict(pi_ref=self.evaluator(policy)), ["data"])
+    self._finish("collect", settings, None if self.evaluator is None else dict(pi_ref=_on_main(self.evaluator, policy)), ["data"])
     return data
 
 @patch
@@ -511,13 +570,14 @@ def label(self:MoCAN)->Dataset:
         self._reused("label")
         return load_from_disk(folder / "data")
     self.run_folder.begin("label", key)
-    columns = self._label_columns()
-    out = (pseudo_preference_lists(data, lam, **columns) if listwise else
-           pseudo_preference_pairs(data, lam, pairs=self.pairs, labels=self.labels, seed=self.seed, **columns))
-    with self.run_folder.writing("label", "data") as tmp: out.save_to_disk(tmp)
-    self._finish("label", settings, dict(lam=lam, rows=len(out)), ["data"])
-    logger.info(f"[label] {len(out)} {'lists' if listwise else 'pairs'} labelled at lam* = {_fmt(lam)}")
-    return out
+    out, columns = None, self._label_columns()  # every process: the columns may come from stages (PeCAN's temperatures)
+    if self.run_folder.main:  # labels are made once; the other processes of a launched job load them
+        out = (pseudo_preference_lists(data, lam, **columns) if listwise else
+               pseudo_preference_pairs(data, lam, pairs=self.pairs, labels=self.labels, seed=self.seed, **columns))
+        with self.run_folder.writing("label", "data") as tmp: out.save_to_disk(tmp)
+    self._finish("label", settings, None if out is None else dict(lam=lam, rows=len(out)), ["data"])
+    logger.info(f"[label] {self.run_folder.result('label')['rows']} {'lists' if listwise else 'pairs'} labelled at lam* = {_fmt(lam)}")
+    return load_from_disk(folder / "data")
 
 @patch
 def _label_columns(self:MoCAN)->dict:
@@ -609,19 +669,26 @@ def evaluate(self:MoCAN)->dict:
     if done:
         self._reused("evaluate", _evaluate_line(self.run_folder.result("evaluate")))
         return self.run_folder.result("evaluate")
-    if self.evaluator is None:
+    if self.evaluator is None:  # sampling and scoring split between the processes of a launched job
         s = self.sampling
-        out = sampled_metrics(model, self.tokenizer, self.eval_prompts, self.scorers, n=self.n_eval, max_new_tokens=s["max_new_tokens"],
+        out = sampled_metrics(model, self.tokenizer, self.eval_prompts, self.scorers, n=self.n_eval,
+                              output_dir=self.run_folder.begin("evaluate", key) / "samples", max_new_tokens=s["max_new_tokens"],
                               batch_size=s["batch_size"], seed=s["seed"] + 1, chat_template=s["chat_template"])
-    else:
-        out = dict(trained=self.evaluator(model), pi_ref=(self.run_folder.result("collect") or {}).get("pi_ref"))
-        if out["pi_ref"] is None and isinstance(model, PeftModel):
-            with model.disable_adapter(): out["pi_ref"] = self.evaluator(model)
-    out.update(lam=dual["lam"], thresholds=self.thresholds, predicted=dual["predicted"], reference=dual["reference"],
-               met=None if self.thresholds is None else np.asarray(out["trained"]["safety"]) >= self.thresholds)
+    else: out = _on_main(self._evaluated, model)  # an evaluator is called once; the other processes read its result
+    if out is not None:
+        out.update(lam=dual["lam"], thresholds=self.thresholds, predicted=dual["predicted"], reference=dual["reference"],
+                   met=None if self.thresholds is None else np.asarray(out["trained"]["safety"]) >= self.thresholds)
     self._finish("evaluate", settings, out)
-    logger.info(f"[evaluate] {_evaluate_line(out)}")
+    logger.info(f"[evaluate] {_evaluate_line(self.run_folder.result('evaluate'))}")
     return self.run_folder.result("evaluate")
+
+@patch
+def _evaluated(self:MoCAN, model)->dict:
+    "`evaluator`'s metrics of the trained policy and of pi_ref (those of `collect`, or the model with its adapter disabled)."
+    out = dict(trained=self.evaluator(model), pi_ref=(self.run_folder.result("collect") or {}).get("pi_ref"))
+    if out["pi_ref"] is None and isinstance(model, PeftModel):
+        with model.disable_adapter(): out["pi_ref"] = self.evaluator(model)
+    return out
 
 @patch
 @_stage_method
