@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("notebooks", nargs="*", help="default: every nbs/*.ipynb except scratch notebooks (_*.ipynb)")
     p.add_argument("--slow", action="store_true", help="also run the cells flagged `#| slow`")
     p.add_argument("--workers", type=int, default=2)
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     paths = [Path(n).resolve() for n in a.notebooks] or sorted(p for p in (root / "nbs").glob("*.ipynb") if not p.name.startswith("_"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     failed = False

@@ -17,7 +17,7 @@ def _directives(src):
 def _text_outputs(cell):
     out = []
     for o in cell.get('outputs', []):
-        if o.get('output_type') == 'stream': out.append(''.join(o['text']))
+        if o.get('output_type') == 'stream' and o.get('name') == 'stdout': out.append(''.join(o['text']))
         elif 'data' in o and 'text/plain' in o['data'] and 'text/html' not in o['data'] and 'image/png' not in o['data']:
             out.append(''.join(o['data']['text/plain']) + '\n')
     return ''.join(out).rstrip('\n')
