@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TOL = 1e-5  # exact toy metrics of the trained policies, one process against two
 
-# Runs MoCAN (and, with `pecan`, PeCAN) on the toy world with a global training batch of 8, exact evaluation, and
+# Runs MoCAN (and, with `all`, a MoCAN evaluated by sampling and PeCAN) on the toy world with a global training batch of 8, exact evaluation, and
 # prints one RESULT line per process. `block` makes training stop for good after checkpoint-4, once it is saved.
 SCRIPT = """
     import json, logging, os, sys, time
@@ -61,7 +61,14 @@ SCRIPT = """
                      (-0.25, -0.4), 1.0, n_samples=4, output_dir=out / "mocan", max_new_tokens=world.max_new_tokens,
                      batch_size=4, train_args=dict(tiny, use_lora=False), evaluator=exact, bootstrap=0)
     results["mocan"] = dict(mo.run(), digest=weights_digest(mo.model), seconds=time.time() - start)
-    if "pecan" in what:
+    if "all" in what:
+        start = time.time()
+        # LoRA, evaluated by sampling: both policies' samples split by shard, scored and their KL read per shard
+        sampled = mocan.MoCAN(world.new_model(), world.tokenizer, world.prompts, dict(reward=world.reward_scorer,
+                              safety=world.safety_scorers), (-0.25, -0.4), 1.0, n_samples=4, output_dir=out / "sampled",
+                              max_new_tokens=world.max_new_tokens, batch_size=4, n_eval=4, bootstrap=0,
+                              train_args=dict(tiny, max_steps=3, save_strategy="no", lora_r=4))
+        results["sampled"] = dict(sampled.run(), digest=weights_digest(sampled.model), seconds=time.time() - start)
         start = time.time()
         # 80 pairs, 16 held out: 2 steps of 32 pairs an epoch
         prealign = dict(learning_rate=1e-2, num_train_epochs=1, per_device_train_batch_size=32 // processes,
@@ -124,10 +131,10 @@ def close(a, b, tol, path=""):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    "The same MoCAN and PeCAN runs in one process and as a two-process `accelerate launch` job."
+    "The same MoCAN (exact and sampled evaluation) and PeCAN runs in one process and as a two-process `accelerate launch` job."
     base = tmp_path_factory.mktemp("dist")
-    one = results_of(launch([sys.executable], base, base / "one", "pecan"))[1][0]
-    two = results_of(launch(accelerate(), base, base / "two", "pecan"))[1]
+    one = results_of(launch([sys.executable], base, base / "one", "all"))[1][0]
+    two = results_of(launch(accelerate(), base, base / "two", "all"))[1]
     return dict(one=one, two=two, folder=base / "two")
 
 
@@ -135,13 +142,13 @@ def test_two_processes_equal_one(runs):
     "MoCAN's lam* is the same number; the rest agrees to `TOL`; both processes hold one result, that of process 0."
     one, two = runs["one"], runs["two"]
     assert sorted(two) == [0, 1] and all(r["processes"] == 2 for r in two.values())
-    for name in ("mocan", "pecan"):
+    for name in ("mocan", "sampled", "pecan"):
         first, second = (dict(two[r]["results"][name]) for r in (0, 1))
         assert first.pop("seconds") and second.pop("seconds")
         assert first == second, name                       # rank 1 reads rank 0's result; DDP kept equal weights
         single = {k: v for k, v in one["results"][name].items() if k not in ("seconds", "digest")}
         first.pop("digest")
-        if name == "mocan": np.testing.assert_array_equal(first["lam"], single["lam"])  # same scores, same dual
+        if name != "pecan": np.testing.assert_array_equal(first["lam"], single["lam"])  # same scores, same dual
         close(first, single, TOL, name)  # PeCAN's lam* reads the implicit rewards of adapters trained under DDP
 
 
@@ -152,6 +159,9 @@ def test_each_process_writes_its_own_shards(runs):
     assert shards == sorted(p.name for p in (folder / "collect" / "samples").glob("shard-*")) and len(shards) >= 2
     assert not list(folder.rglob(".tmp-*")) and not list(folder.rglob(".*.tmp"))
     assert sorted(p.parent.name for p in folder.glob("*/stage.json")) == ["collect", "dual", "evaluate", "label", "train"]
+    for policy in ("trained", "pi_ref"):
+        evaluated = runs["folder"] / "sampled" / "evaluate" / "samples" / policy
+        assert len(list((evaluated / "scored").glob("shard-*"))) == len(list((evaluated / "samples").glob("shard-*"))) == 2
 
 
 def test_killed_job_resumes(runs, tmp_path):
