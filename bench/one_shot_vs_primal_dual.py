@@ -227,12 +227,13 @@ def main(argv=None):
     p.add_argument("--ms", nargs="+", type=int, choices=(1, 2), help="numbers of constraints (default: the size's)")
     p.add_argument("--settings", nargs="+", type=int, choices=(0, 1, 2), help="thresholds: 0 barely .. 2 strongly active")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the size's)")
+    p.add_argument("--n-estimate", type=int, help="fresh responses per prompt behind every E[g] estimate (default: the size's)")
     p.add_argument("--name", help="results file name (default: the size)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where to write the JSON results")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     size = "small" if args.small else "full"
-    overrides = {k: v for k, v in dict(ms=args.ms, settings=args.settings, seeds=args.seeds).items() if v is not None}
+    overrides = {k: v for k, v in dict(ms=args.ms, settings=args.settings, seeds=args.seeds, n_estimate=args.n_estimate).items() if v is not None}
     if args.sweep: return sweep(size, args.out)
     result = benchmark(size, args.out, tuple(args.methods), overrides, args.name or size)
     print(format_table(result["table"]))
