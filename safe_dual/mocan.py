@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from peft import PeftModel
 from .dual import solve_dual, bootstrap_dual, policy_metrics, _thresholds
@@ -75,7 +76,10 @@ def _launched()->bool:
 
 def _connect():
     "Join the process group of a launched job now: a resumed run meets its first barrier before any sampling would join it."
-    if _launched() and not torch.distributed.is_initialized(): PartialState(cpu=not torch.cuda.is_available())
+    if _launched() and PartialState._shared_state.get("num_processes", 1) == 1:
+        # none yet, or one of a single process (`TrainingArguments` built on CPU without `use_cpu` makes one): redo it
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState(cpu=not torch.cuda.is_available())
 
 def _wait_for_everyone():
     "A barrier across the processes of a launched job, once they are connected (nothing for one process)."
