@@ -1,5 +1,6 @@
 """MoCAN and PeCAN as launched jobs on CPU (gloo): two processes started by `accelerate launch` with the shipped DDP config
-give the one-process results, and a two-process torchrun job killed during training resumes to the same end.
+give the one-process results, a two-process torchrun job killed during training resumes to the same end, and the
+command line runs under `accelerate launch` as the README says.
 
 What makes the runs comparable: both sample with the same seeds and batches (`sample_responses` shards do not depend
 on the number of processes), so the scores, lam* and the labels are identical; training keeps the global batch equal
@@ -183,3 +184,25 @@ def test_killed_job_resumes(runs, tmp_path):
     got = {k: v for k, v in resumed[0]["results"]["mocan"].items() if k != "seconds"}
     expected = {k: v for k, v in runs["two"][0]["results"]["mocan"].items() if k != "seconds"}
     close(got, expected, TOL)
+
+
+CLI_CONFIG = """
+world: toy
+thresholds: [-0.25, -0.4]
+beta: 1.0
+n_samples: 4
+batch_size: 4
+train: {loss_type: listwise, use_lora: false, learning_rate: 3.0e-3, max_steps: 3, per_device_train_batch_size: 4, save_strategy: "no"}
+"""
+
+
+def test_command_line_under_accelerate(tmp_path):
+    "The README's launch line, on the toy world: `accelerate launch --config_file ... -m safe_dual.cli mocan` runs as one job."
+    config = tmp_path / "toy.yaml"
+    config.write_text(CLI_CONFIG + f"output_dir: {tmp_path / 'run'}\n")
+    proc = subprocess.Popen([*accelerate(), "-m", "safe_dual.cli", "mocan", "--config", str(config)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = results_of(proc)[0]
+    assert "results saved in" in out, out[-6000:]
+    assert len(list((tmp_path / "run" / "collect" / "samples").glob("shard-*"))) == 2  # 24 batches: one shard a process
+    assert sorted(p.parent.name for p in (tmp_path / "run").glob("*/stage.json")) == ["collect", "dual", "evaluate", "label", "train"]
