@@ -307,20 +307,26 @@ def _prompts(key, spec)->list:
     if "prompt" not in data.column_names: raise ValueError(f"`{key}` {spec!r} has no `prompt` column (columns: {data.column_names})")
     return list(data["prompt"])
 
+def _device():
+    "This process's device: its GPU under a launcher (`LOCAL_RANK`), else the first GPU, else the CPU."
+    import os, torch
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
 def _causal_lm(cfg):
-    "(policy, tokenizer) named by `policy` (hub id, local path or 'smollm2')."
+    "(policy, tokenizer) named by `policy` (hub id, local path or 'smollm2'), the policy on this process's device."
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if cfg.policy == "smollm2":
         from safe_dual.data import load_smollm2
-        return load_smollm2()
+        model, tokenizer = load_smollm2()
+        return model.to(_device()), tokenizer
     dtype = getattr(torch, cfg.torch_dtype or "float32") if cfg.torch_dtype != "auto" else "auto"
     model = _from_hub("policy", cfg.policy, lambda: AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=dtype, trust_remote_code=False))
     name = cfg.tokenizer or cfg.policy
     tokenizer = _from_hub("tokenizer" if cfg.tokenizer else "policy", name,
                           lambda: AutoTokenizer.from_pretrained(name, trust_remote_code=False))
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model.to(_device()), tokenizer
 
 def _score_model(key, spec:ScorerSpec):
     "An `HFScoreModel` from a checked `ScorerSpec`."
@@ -331,7 +337,7 @@ def _score_model(key, spec:ScorerSpec):
     model = _from_hub(f"{key}.model", spec.model, lambda: AutoModelForSequenceClassification.from_pretrained(
         spec.model, trust_remote_code=False, dtype=dtype))
     tokenizer = _from_hub(f"{key}.model", spec.model, lambda: AutoTokenizer.from_pretrained(spec.model, trust_remote_code=False))
-    return HFScoreModel(model, tokenizer, negate=spec.negate, batch_size=spec.batch_size, version=spec.version)
+    return HFScoreModel(model.to(_device()), tokenizer, negate=spec.negate, batch_size=spec.batch_size, version=spec.version)
 
 _PIPELINE_KEYS = ("n_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed", "chat_template", "pairs",
                   "labels", "n_eval", "bootstrap", "beta_r", "beta_g")
@@ -516,7 +522,9 @@ def _stage_logging(quiet:bool, verbose:bool):
     handler.setFormatter(logging.Formatter("%(message)s"))
     before = logger.level, logger.propagate
     logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    # in a launched job only process 0 talks: the others would repeat every stage line and the results table
+    talks = os.environ.get("RANK", "0") == "0" and not quiet
+    logger.setLevel(logging.DEBUG if talks and verbose else logging.INFO if talks else logging.WARNING)
     logger.propagate = False  # a handler the user's root logger has would print every line twice
     try: yield
     finally:
@@ -530,7 +538,8 @@ def main(argv=None):
     commands = dict(dual=dual_command, demo=demo_command, mocan=run_command, pecan=run_command)
     try:
         with _stage_logging(args.quiet, args.verbose), quiet_third_party(args.verbose), show_progress(not args.quiet):
-            print(commands[args.command](args))
+            text = commands[args.command](args)
+            if os.environ.get("RANK", "0") == "0": print(text)  # a launched job's table once, from process 0
     except (ValueError, FileNotFoundError) as e:
         print(f"safe-dual {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
