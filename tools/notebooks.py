@@ -5,7 +5,7 @@
 
 Every code cell runs top to bottom in an `ipykernel` through `nbclient`, with the notebook's folder as working
 directory, so an asyncio loop is running (unlike under `nbdev_test`). Cells flagged `#| slow` run only with `--slow`;
-without it they keep their committed outputs. Scratch notebooks (`_*.ipynb`) are skipped.
+without it they keep their committed outputs. Cells flagged `#| smollm2` (hours on CPU) never run here. Scratch notebooks (`_*.ipynb`) are skipped.
 
 `check` compares each code cell's text outputs (stdout and `text/plain` results; not stderr, images or widgets):
 the text between numbers must be equal and every number must agree to `abs(a - b) <= ATOL + RTOL * abs(b)`, because the
@@ -21,10 +21,14 @@ RTOL, ATOL = 2e-2, 2e-3
 NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 IGNORED = re.compile(r"0x[0-9a-fA-F]+|[-+]?\d+(?:\.\d+)?\s?(?:ms|s|min)\b")
 
-def is_slow(cell)->bool:
-    "Whether a code cell carries the `slow` test flag."
-    return any(l.replace(" ", "").strip() == "#|slow" for l in "".join(cell["source"]).splitlines()
+def has_flag(cell, flag:str)->bool:
+    "Whether a code cell carries the test flag `flag` (`#| slow`, `#| smollm2`)."
+    return any(l.replace(" ", "").strip() == f"#|{flag}" for l in "".join(cell["source"]).splitlines()
                if l.lstrip().startswith("#|"))
+
+def is_slow(cell, slow:bool=False)->bool:
+    "Whether a code cell is left out: `slow` cells unless `--slow`; `smollm2` cells (hours on CPU) always."
+    return (has_flag(cell, "slow") and not slow) or has_flag(cell, "smollm2")
 
 def text_outputs(cell)->str:
     "The cell's outputs that `check` compares: stdout and plain-text results."
@@ -51,7 +55,7 @@ def execute(path:Path, slow:bool):
     from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
     run = copy.deepcopy(nb)
-    skipped = [i for i, c in enumerate(run.cells) if c.cell_type == "code" and is_slow(c) and not slow]
+    skipped = [i for i, c in enumerate(run.cells) if c.cell_type == "code" and is_slow(c, slow)]
     for i in skipped: run.cells[i].source = ""
     start = time.time()
     NotebookClient(run, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
@@ -72,7 +76,7 @@ def job(args):
     old = nbformat.read(path, as_version=4)
     problems = []
     for i, (a, b) in enumerate(zip(old.cells, nb.cells)):
-        if a.cell_type != "code" or (is_slow(a) and not slow): continue
+        if a.cell_type != "code" or is_slow(a, slow): continue
         d = differences(text_outputs(a), text_outputs(b))
         if d: problems.append(f"cell {i} ({a.get('id', '?')}): {d}")
     return path.name, seconds, problems
