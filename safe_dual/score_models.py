@@ -460,7 +460,7 @@ def prepare_smollm2_run(folder:str|Path, # where prompts and score models go (e.
 
 # %% ../nbs/03b_score_models.ipynb #e664a34b
 #| eval: false
-if __name__ == "__main__":
+if __name__ == "__main__" and __spec__ is not None:  # `python -m`; a notebook kernel is __main__ without a spec
     import argparse
     parser = argparse.ArgumentParser(description="Write the SmolLM2 run's prompts and train its reward and cost models.")
     parser.add_argument("folder", help="output folder, e.g. runs/smollm2")
