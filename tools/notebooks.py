@@ -9,17 +9,17 @@ without it they keep their committed outputs. Cells flagged `#| smollm2` (hours 
 
 `check` compares each code cell's text outputs (stdout and `text/plain` results; not stderr, images or widgets):
 the text between numbers must be equal and every number must agree to `abs(a - b) <= ATOL + RTOL * abs(b)`, because the
-3rd-4th decimals of trained models differ across CPUs and thread counts. Durations (`12 s`, `3.4 ms`) and memory
-addresses are ignored.
+3rd-4th decimals of trained models differ across CPUs and thread counts. Durations (`12 s`, `3.4 ms`), memory
+addresses and temporary folders are ignored.
 """
-import argparse, copy, json, os, re, subprocess, sys, time
+import argparse, copy, json, os, re, subprocess, sys, tempfile, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
 RTOL, ATOL = 2e-2, 2e-3
 NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
-IGNORED = re.compile(r"0x[0-9a-fA-F]+|[-+]?\d+(?:\.\d+)?\s?(?:ms|s|min)\b")
+IGNORED = re.compile(r"0x[0-9a-fA-F]+|[-+]?\d+(?:\.\d+)?\s?(?:ms|s|min)\b|" + re.escape(tempfile.gettempdir()) + r"/tmp\w+")
 
 def has_flag(cell, flag:str)->bool:
     "Whether a code cell carries the test flag `flag` (`#| slow`, `#| smollm2`)."
