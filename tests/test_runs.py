@@ -1,6 +1,7 @@
 """Runs a researcher can trust: stage keys that see model, scorer and threshold changes, stages that survive kills and
 half-written files, one run per folder, and bad settings refused before any work (MoCAN and PeCAN on the toy world)."""
 import json
+import re
 import logging
 import os
 import shutil
@@ -377,7 +378,7 @@ LAUNCHED_RUN = """
                    train_args=dict(loss_type="listwise", use_lora=False, learning_rate=3e-3, max_steps=4,
                                    per_device_train_batch_size=4, save_strategy="steps", save_steps=2, disable_tqdm=True),
                    evaluator=lambda model: exact_metrics(model, world), bootstrap=0).run()
-    print("RESULT", os.environ["RANK"], result["lam"], result["trained"]["kl"])
+    print(f"RESULT {os.environ['RANK']} {result['lam']} {result['trained']['kl']} END", flush=True)
 """
 
 
@@ -388,7 +389,8 @@ def test_launched_job_is_one_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "run")],
                           env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = sorted(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    # the two processes share stdout, so their lines can interleave: read each report between its markers
+    results = sorted(list(m) for m in re.findall(r"RESULT (\d) (.*?) END", proc.stdout))
     assert [r[0] for r in results] == ["0", "1"] and results[0][1] == results[1][1]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", ".lock.json", "collect", "dual", "evaluate", "label", "train"]
     assert not list((tmp_path / "run").rglob(".tmp-*"))
