@@ -134,8 +134,9 @@ class RunConfig:
     pairs: typing.Literal["all", "adjacent"]|int|None = None # pairs per prompt
     labels: typing.Literal["soft", "sampled", "hard"]|None = None # pair labels
     n_eval: int|None = None # responses per prompt when evaluating by sampling
+    tolerance: float|list[float]|None = None # slack of `met` per constraint; None: 0, or 5% of each score's spread on the toy world
     train: dict|None = None # `PseudoPreferenceConfig` settings of the training run
-    checks: typing.ClassVar = {"beta": [(">", 0, "the KL coefficient")], "n_samples": [(">=", 2, "pairs need two responses")],
+    checks: typing.ClassVar = {"tolerance": [(">=", 0, "the slack allowed when checking a constraint")], "beta": [(">", 0, "the KL coefficient")], "n_samples": [(">=", 2, "pairs need two responses")],
                                "max_new_tokens": [(">=", 1)], "temperature": [(">", 0)], "top_p": [(">", 0), ("<=", 1)],
                                "batch_size": [(">=", 1)], "seed": [(">=", 0)], "pairs": [(">=", 1)], "n_eval": [(">=", 1)]}
 
@@ -155,8 +156,10 @@ class PeCANConfig(RunConfig):
     beta_r: float|None = None # DPO temperature of pi_r
     beta_g: float|list[float]|None = None # DPO temperature(s) of the pi_g
     prealign: dict|None = None # `PseudoPreferenceConfig` settings of the pre-alignment DPO runs
+    holdout: float|None = None # fraction of each preference set held out to fit its adapter's realized temperature (0: nominal)
     n_pairs: int|None = None # toy world: preference pairs per set
-    checks: typing.ClassVar = {**RunConfig.checks, "beta_r": [(">", 0)], "beta_g": [(">", 0)], "n_pairs": [(">=", 1)]}
+    checks: typing.ClassVar = {**RunConfig.checks, "beta_r": [(">", 0)], "beta_g": [(">", 0)], "n_pairs": [(">=", 1)],
+                               "holdout": [(">=", 0), ("<", 1)]}
 
 CONFIGS = {"mocan": MoCANConfig, "pecan": PeCANConfig}
 _TOY_BRINGS = ("policy", "tokenizer", "torch_dtype", "prompts", "eval_prompts", "scorers", "preferences",
@@ -340,7 +343,7 @@ def _score_model(key, spec:ScorerSpec):
     return HFScoreModel(model.to(_device()), tokenizer, negate=spec.negate, batch_size=spec.batch_size, version=spec.version)
 
 _PIPELINE_KEYS = ("n_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed", "chat_template", "pairs",
-                  "labels", "n_eval", "bootstrap", "beta_r", "beta_g")
+                  "labels", "n_eval", "bootstrap", "beta_r", "beta_g", "holdout", "tolerance")
 
 def build_pipeline(config:dict, # settings, as `load_config` reads them
                    kind:str,    # "mocan" or "pecan"
@@ -357,7 +360,7 @@ def build_pipeline(config:dict, # settings, as `load_config` reads them
 def _pipeline(cfg, kind, verbose):
     "The pipeline of a checked config: models, prompts and data loaded (or the toy world's)."
     from safe_dual.demo import TOY_TRAIN_ARGS
-    from safe_dual.mocan import MoCAN
+    from safe_dual.mocan import MoCAN, safety_spread
     from safe_dual.pecan import PeCAN
     common = {k: getattr(cfg, k) for k in _PIPELINE_KEYS if getattr(cfg, k, None) is not None}
     common.update(output_dir=cfg.output_dir or f"{kind}_run", train_args=cfg.train, verbose=verbose)
@@ -367,6 +370,7 @@ def _pipeline(cfg, kind, verbose):
         w = load_toy_world()
         policy, tokenizer, prompts = w.new_model(), w.tokenizer, w.prompts
         common.update(max_new_tokens=w.max_new_tokens, evaluator=lambda m: exact_metrics(m, w))
+        common.setdefault("tolerance", 0.05 * safety_spread(w.safety, w.ref_probs))  # as the toy demo's and the issues' `met`
         if kind == "mocan":
             common["train_args"] = cfg.train or TOY_TRAIN_ARGS
             return MoCAN(policy, tokenizer, prompts, dict(reward=w.reward_scorer, safety=w.safety_scorers),
@@ -395,10 +399,10 @@ def _pipeline(cfg, kind, verbose):
 # %% ../nbs/09_cli.ipynb #301c065f
 _MET_TOL = 1e-6  # the dual's prediction sits on an active bound up to rounding
 
-def _met(values, bounds):
-    "'yes' when every value reaches its bound (up to rounding), 'no' when one does not, '-' without bounds."
+def _met(values, bounds, tolerance=0.0):
+    "'yes' when every value reaches its bound less `tolerance` (up to rounding), 'no' when one does not, '-' without bounds."
     if bounds is None: return "-"
-    return "yes" if np.all(np.asarray(values, dtype=float) >= np.asarray(bounds, dtype=float) - _MET_TOL) else "no"
+    return "yes" if np.all(np.asarray(values, dtype=float) >= np.asarray(bounds, dtype=float) - tolerance - _MET_TOL) else "no"
 
 def _cell(v):
     "A number, or '-' for a value that does not apply (missing or NaN)."
@@ -419,7 +423,8 @@ def results_table(result:dict, # `MoCAN.evaluate()` / `PeCAN.evaluate()` result
     else:
         named = [(name, result.get(key), result.get(key)) for name, key in
                  (("pi_ref", "pi_ref"), ("trained", "trained"), ("predicted (dual)", "predicted"))]
-    rows = [[name, _cell(v["reward"]), *map(_cell, v["safety"]), _cell(v.get("kl")), "-" if c is None else _met(c["safety"], bounds)]
+    tol = np.broadcast_to(np.asarray(result.get("tolerance", 0.0), dtype=float), (m,))
+    rows = [[name, _cell(v["reward"]), *map(_cell, v["safety"]), _cell(v.get("kl")), "-" if c is None else _met(c["safety"], bounds, tol)]
             for name, v, c in named if v]
     text = format_table(rows, ["policy", "E[r]"] + [f"E[{n}]" for n in names] + ["KL", "met"])
     if result.get("win_rate"): text += "\nwin rate vs pi_ref: " + ", ".join(f"{k} {v:.3f}" for k, v in result["win_rate"].items())
@@ -428,9 +433,11 @@ def results_table(result:dict, # `MoCAN.evaluate()` / `PeCAN.evaluate()` result
     else:
         trained = result["improvement"] if pecan else result["trained"]
         b = np.broadcast_to(np.asarray(bounds, dtype=float), (m,))
-        missed = [what.format(n=n, b=bj) + f" (got {v:.4g})" for n, bj, v in zip(names, b, trained["safety"]) if v < bj - _MET_TOL]
-        verdict = ("every constraint is met: " + ", ".join(what.format(n=n, b=bj) for n, bj in zip(names, b)) if not missed
-                   else "not met: " + "; ".join(missed))
+        missed = [what.format(n=n, b=bj) + f" (got {v:.4g})" for n, bj, v, t in zip(names, b, trained["safety"], tol)
+                  if v < bj - t - _MET_TOL]
+        within = f" (met: within tolerance {', '.join(f'{t:.3g}' for t in tol)})" if tol.any() else ""
+        verdict = ("every constraint is met: " + ", ".join(what.format(n=n, b=bj) for n, bj in zip(names, b)) + within
+                   if not missed else "not met: " + "; ".join(missed) + within)
     saved = f"; results saved in {output_dir}" if output_dir is not None else ""
     return f"lam* = {np.round(result['lam'], 4).tolist()}\n{text}\n{verdict}{saved}"
 

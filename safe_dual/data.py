@@ -580,6 +580,8 @@ def to_dual_inputs(dataset:Dataset, # scored samples with a `prompt_id` column
 # %% ../nbs/03_data.ipynb #13813c6d
 _THIRD_PARTY_LOGGERS = ("transformers", "datasets", "huggingface_hub")
 _THIRD_PARTY_MODULES = r"(transformers|datasets|huggingface_hub|accelerate|peft)(\.|$)"
+_PEFT_TIED_HEAD = (r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
+                   r"Setting `save_embedding_layers` to `True`")
 
 @contextmanager
 def quiet_third_party(verbose:bool=False, # let third-party progress bars and logs through unchanged
@@ -600,6 +602,8 @@ def quiet_third_party(verbose:bool=False, # let third-party progress bars and lo
         with warnings.catch_warnings():
             for category in (FutureWarning, DeprecationWarning):
                 warnings.filterwarnings("ignore", category=category, module=_THIRD_PARTY_MODULES)
+            for message in _PEFT_TIED_HEAD:  # LoRA on a head tied to the embeddings (PeCAN's default): peft's notes on it
+                warnings.filterwarnings("ignore", message=message, category=UserWarning)
             yield
     finally:
         for name, level in levels.items(): logging.getLogger(name).setLevel(level)

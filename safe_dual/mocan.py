@@ -326,6 +326,12 @@ def _stage_method(f):
 
 def _fmt(xs)->str: return "[" + ", ".join(f"{float(x):.3g}" for x in np.atleast_1d(xs)) + "]"
 
+def _tolerance(tolerance, m:int)->np.ndarray:
+    "`tolerance` as (m,) non-negative slacks of `met`, refused with the fix when it is not."
+    tol = _thresholds(tolerance, m, "tolerance")
+    if (tol < 0).any(): raise ValueError(f"`tolerance` must be >= 0 (the slack allowed when checking a constraint); got {tolerance!r}")
+    return tol
+
 class MoCAN:
     "Model-based constrained alignment: collect, dual, label, train and evaluate, each stage saved and resumable."
     refine = 0  # refinement rounds after `train`'s one-shot run; a subclass with its own `__init__` (PeCAN) stays one-shot
@@ -353,6 +359,7 @@ class MoCAN:
                  bootstrap:int=200, # bootstrap resamples for the dual's intervals (0: none)
                  verbose:bool=False, # show the progress bars and info logs of datasets and transformers
                  refine:int=0,    # CAID-style rounds after the one-shot run (`baselines.refine`): E[g] from fresh samples, corrected lam, warm-started retraining
+                 tolerance=0.0,   # float or (m,) slack of `met`: E[g_j] >= b_j - tolerance_j counts as met (e.g. the evaluation's error)
                 ):
         self.safety = safety_scorers(scorers)
         self.scorers = {"reward": scorers["reward"], **self.safety}
@@ -360,6 +367,7 @@ class MoCAN:
                                 evaluator, n_eval, verbose, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, batch_size=batch_size, chat_template=chat_template)
         self.thresholds = None if thresholds is None else _thresholds(thresholds, len(self.safety))
+        self.tolerance = _tolerance(tolerance, len(self.safety))
         self.train_args = self._checked_args("train_args", train_args)
         if not (isinstance(bootstrap, (int, np.integer)) and not isinstance(bootstrap, bool) and bootstrap >= 0):
             raise ValueError(f"`bootstrap` must be an integer >= 0 (0: no intervals); got {bootstrap!r}")
@@ -672,7 +680,7 @@ def evaluate(self:MoCAN)->dict:
     key, done = self._stage("evaluate", settings, ["train"])
     if done:
         self._reused("evaluate", _evaluate_line(self.run_folder.result("evaluate")))
-        return self.run_folder.result("evaluate")
+        return self._with_met(self.run_folder.result("evaluate"))  # `tolerance` is not in the key: a new one is applied here
     if self.evaluator is None:  # sampling and scoring split between the processes of a launched job
         s = self.sampling
         out = sampled_metrics(model, self.tokenizer, self.eval_prompts, self.scorers, n=self.n_eval,
@@ -680,11 +688,19 @@ def evaluate(self:MoCAN)->dict:
                               batch_size=s["batch_size"], seed=s["seed"] + 1, chat_template=s["chat_template"])
     else: out = _on_main(self._evaluated, model)  # an evaluator is called once; the other processes read its result
     if out is not None:
-        out.update(lam=dual["lam"], thresholds=self.thresholds, predicted=dual["predicted"], reference=dual["reference"],
-                   met=None if self.thresholds is None else np.asarray(out["trained"]["safety"]) >= self.thresholds)
+        out.update(lam=dual["lam"], thresholds=self.thresholds, predicted=dual["predicted"], reference=dual["reference"])
+        out = self._with_met(out)
     self._finish("evaluate", settings, out)
     logger.info(f"[evaluate] {_evaluate_line(self.run_folder.result('evaluate'))}")
     return self.run_folder.result("evaluate")
+
+@patch
+def _with_met(self:MoCAN, out:dict)->dict:
+    "`out` with `met`, per constraint, and the `tolerance` it allows (PeCAN's constraints are on the improvement over pi_ref)."
+    bounds, values = ((out.get("margins"), out["improvement"]["safety"]) if "improvement" in out else
+                      (out.get("thresholds"), out["trained"]["safety"]))
+    met = None if bounds is None else (np.asarray(values, dtype=float) >= np.asarray(bounds, dtype=float) - self.tolerance).tolist()
+    return dict(out, tolerance=self.tolerance.tolist(), met=met)
 
 @patch
 def _evaluated(self:MoCAN, model)->dict:

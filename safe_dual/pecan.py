@@ -8,6 +8,7 @@ __all__ = ['logger', 'fit_bt_scale', 'preference_sets', 'adapter_logprobs', 'PeC
 # %% ../nbs/06_pecan.ipynb #2a5a2682
 import logging, math
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Sequence
 from fastcore.basics import patch
 import numpy as np
@@ -15,8 +16,8 @@ from datasets import Dataset, load_from_disk
 from peft import PeftModel
 from .dual import solve_dual_preference, policy_metrics, _thresholds
 from .data import sample_responses, sequence_logprobs, to_dual_inputs
-from .mocan import (MoCAN, win_rate, dual_summary, check_converged, _digest, _stage_method, _dual_line,
-                             _evaluate_line)
+from .mocan import (MoCAN, win_rate, dual_summary, check_converged, map_shards, _digest, _stage_method, _dual_line,
+                             _evaluate_line, _tolerance)
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class PeCAN(MoCAN):
                  n_eval:int=4,     # responses per prompt when evaluating by sampling
                  verbose:bool=False, # show the progress bars and info logs of datasets and transformers
                  holdout:float=0.1, # fraction of each preference set held out to fit its realized temperature; 0: nominal
+                 tolerance=0.0,   # float or (m,) slack of `met`: an improvement >= margin_j - tolerance_j counts as met
                 ):
         if not (isinstance(holdout, (int, float)) and 0 <= holdout < 1):
             raise ValueError(f"`holdout` = {holdout!r} must be in [0, 1): the fraction of each preference set held out "
@@ -140,6 +142,7 @@ class PeCAN(MoCAN):
                                 top_p=top_p, batch_size=batch_size, chat_template=chat_template)
         m = len(self.safety)
         self.margins = None if margins is None else _thresholds(margins, m, "margins")
+        self.tolerance = _tolerance(tolerance, m)
         self.beta_r = float(beta if beta_r is None else beta_r)
         self.beta_g = _thresholds(beta if beta_g is None else beta_g, m, "beta_g")
         if not (self.beta_r > 0 and (self.beta_g > 0).all()):
@@ -310,21 +313,30 @@ def _label_columns(self:PeCAN)->dict:
 
 # %% ../nbs/06_pecan.ipynb #d620b0e9
 @patch
-def _sampled_implicit(self:PeCAN, model:PeftModel)->dict:
+def _sampled_implicit(self:PeCAN, model:PeftModel,
+                      output_dir:Path, # both policies' samples and log-probs, shard by shard (each process its share)
+                     )->dict:
     "Implicit-reward means of the trained policy and of pi_ref on sampled responses, win rates and a Monte Carlo KL."
-    s, folders = self.sampling, self.prealign()
+    s, folders, out = self.sampling, self.prealign(), Path(output_dir)
     kw = dict(max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"], seed=s["seed"] + 1,
               chat_template=s["chat_template"], progress=False)
-    trained = sample_responses(model, self.tokenizer, self.eval_prompts, self.n_eval, **kw)
-    with model.disable_adapter(): ref = sample_responses(model, self.tokenizer, self.eval_prompts, self.n_eval, **kw)
+    sample_responses(model, self.tokenizer, self.eval_prompts, self.n_eval, output_dir=out / "trained" / "samples", **kw)
+    with model.disable_adapter():
+        sample_responses(model, self.tokenizer, self.eval_prompts, self.n_eval, output_dir=out / "pi_ref" / "samples", **kw)
+    def with_logps(samples:Dataset)->Dataset:
+        "The samples with their log-probs under pi_ref and each pre-aligned adapter (`implicit_*` columns)."
+        for k, v in adapter_logprobs(model, self.tokenizer, samples, list(folders), s["batch_size"]).items():
+            samples = samples.add_column(f"implicit_{k}", np.asarray(v).tolist())
+        return samples
     for name, folder in folders.items(): model.load_adapter(folder, adapter_name=name)
-    try: logps = [adapter_logprobs(model, self.tokenizer, d, list(folders), s["batch_size"]) for d in (trained, ref)]
+    try: logps = [map_shards(with_logps, out / p / "samples", out / p / "scored") for p in ("trained", "pi_ref")]
     finally:
         for name in folders: model.delete_adapter(name)
     betas = [self.fitted_beta_of(k) for k in folders]
-    scores = [np.stack([b * (lp[f"{k}_logp"] - lp["ref_logp"]) for b, k in zip(betas, folders)], -1) for lp in logps]
+    col = lambda lp, k: np.asarray(lp[f"implicit_{k}"], dtype=float)
+    scores = [np.stack([b * (col(lp, f"{k}_logp") - col(lp, "ref_logp")) for b, k in zip(betas, folders)], -1) for lp in logps]
     means = lambda x: dict(reward=float(x[:, 0].mean()), safety=x[:, 1:].mean(0))
-    return dict(trained=dict(means(scores[0]), kl=float(np.mean(np.asarray(trained["ref_logp"]) - logps[0]["ref_logp"]))),
+    return dict(trained=dict(means(scores[0]), kl=float(np.mean(np.asarray(logps[0]["ref_logp"]) - col(logps[0], "ref_logp")))),
                 pi_ref=dict(means(scores[1]), kl=0.0),
                 win_rate={k: win_rate(scores[0][:, j], scores[1][:, j]) for j, k in enumerate(folders)})
 
@@ -342,8 +354,8 @@ def evaluate(self:PeCAN)->dict:
     key, done = self._stage("evaluate", settings, ["train"])
     if done:
         self._reused("evaluate", _evaluate_line(self.run_folder.result("evaluate")))
-        return self.run_folder.result("evaluate")
-    if self.evaluator is None: out = self._sampled_implicit(model)
+        return self._with_met(self.run_folder.result("evaluate"))  # `tolerance` is not in the key: a new one is applied here
+    if self.evaluator is None: out = self._sampled_implicit(model, self.run_folder.begin("evaluate", key) / "samples")
     else:
         out = dict(trained=self.evaluator(model))
         with model.disable_adapter(): out["pi_ref"] = self.evaluator(model)
@@ -352,8 +364,7 @@ def evaluate(self:PeCAN)->dict:
                              f"{len(self.safety)} safety sets {self.safety}; return one per set, in their order")
     improvement = dict(reward=out["trained"]["reward"] - out["pi_ref"]["reward"],
                        safety=np.asarray(out["trained"]["safety"]) - np.asarray(out["pi_ref"]["safety"]))
-    out.update(improvement=improvement, lam=dual["lam"], margins=self.margins, predicted=dual["predicted"],
-               met=None if self.margins is None else improvement["safety"] >= self.margins)
-    self._finish("evaluate", settings, out)
+    out.update(improvement=improvement, lam=dual["lam"], margins=self.margins, predicted=dual["predicted"])
+    self._finish("evaluate", settings, self._with_met(out))
     logger.info(f"[evaluate] {_evaluate_line(out)}")
     return self.run_folder.result("evaluate")

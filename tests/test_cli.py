@@ -122,6 +122,10 @@ def test_every_key_is_used(tmp_path):
     "`bootstrap` reaches MoCAN (C29); the toy world's exact evaluation and prompts are used."
     pipe = build_pipeline(dict(TOY, output_dir=str(tmp_path / "run"), bootstrap=0, n_samples=8, seed=3), "mocan")
     assert (pipe.bootstrap, pipe.sampling["n"], pipe.seed) == (0, 8, 3)
+    np.testing.assert_allclose(pipe.tolerance, [0.0272, 0.0405], atol=1e-4)  # toy world: 5% of each score's spread
+    pecan = build_pipeline(dict(world="toy", margins=0.1, beta=1.0, holdout=0.2, tolerance=0.01, n_pairs=64,
+                                output_dir=str(tmp_path / "pecan")), "pecan")
+    assert pecan.holdout == 0.2 and pecan.tolerance.tolist() == [0.01, 0.01]
 
 
 def test_hub_errors_are_one_line(tmp_path, capsys, monkeypatch):

@@ -73,3 +73,7 @@ def test_bad_input():
         MoCAN(w.model, w.tokenizer, w.prompts, sc, 0.1, 1.0, train_args=dict(beta=0.5))
     with pytest.raises(ValueError, match="`prompts` is empty"):
         MoCAN(w.model, w.tokenizer, [], sc, 0.1, 1.0)
+    with pytest.raises(ValueError, match="`tolerance` must be >= 0"):
+        MoCAN(w.model, w.tokenizer, w.prompts, sc, 0.1, 1.0, tolerance=[0.01, -0.01])
+    with pytest.raises(ValueError, match=r"`tolerance` must be a number or have shape \(2,\)"):
+        MoCAN(w.model, w.tokenizer, w.prompts, sc, 0.1, 1.0, tolerance=[0.01, 0.01, 0.01])

@@ -96,3 +96,18 @@ def test_fit_bt_scale_soft_labels_and_stretch(scale, stretch, seed):
     c, se = fit_bt_scale(margins, labels)
     assert abs(c - scale) < 1e-6 * scale and se > 0
     assert abs(fit_bt_scale(stretch * margins, labels)[0] - scale / stretch) < 1e-6 * scale / stretch
+
+
+def test_tolerance_decides_met_without_evaluating_again(world, tmp_path):
+    "`met` is improvement >= margin - tolerance; a new tolerance is applied to the saved evaluation, which is not redone."
+    safety, evaluator = toy_preferences(world, 48, 0, seed=2), first_safety(world)
+    strict = pecan(world, tmp_path, safety, margins=0.05, evaluator=evaluator).run()
+    gain = strict["improvement"]["safety"][0]
+    assert strict["tolerance"] == [0.0] and strict["met"] == [bool(gain >= 0.05)]
+    before = stamps(tmp_path, ("train", "evaluate"))
+    tol = abs(0.05 - gain) + 0.01  # wide enough either way
+    loose = pecan(world, tmp_path, safety, margins=0.05, evaluator=evaluator, tolerance=tol).run()
+    assert stamps(tmp_path, ("train", "evaluate")) == before
+    assert loose["met"] == [True] and loose["tolerance"] == [tol] and loose["improvement"] == strict["improvement"]
+    with pytest.raises(ValueError, match="`tolerance` must be >= 0"):
+        pecan(world, tmp_path, safety, margins=0.05, tolerance=-0.1)
