@@ -9,8 +9,10 @@ continuing the same run), iterative primal-dual with a DPO-style step (warm star
 PPO-Lagrangian, SACPO. Per seed, every (m, thresholds) setting runs every method, in an order rotated by the seed
 (machines are noisy), on one CPU thread. Writes `<out>/<size>.json` (every run's records and summary) and prints the
 table; `nbs/08_baselines.ipynb` reads the file back for its table and plots.
+Every finished run is appended to `<out>/<size>.runs.jsonl` as it ends, so a killed benchmark resumes where it stopped
+(runs of other settings in that file are ignored, not reused).
 """
-import argparse, json, logging, sys, tempfile, time
+import argparse, hashlib, json, logging, os, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +112,7 @@ def summarize(runs):
         med = lambda k: float(np.median([c[k] for c in reached])) if reached else None
         stat = lambda k: (float(np.mean([r["summary"][k] for r in rs])), float(np.std([r["summary"][k] for r in rs])))
         table.append(dict(setting=setting, method=method, seeds=len(rs), reached=len(reached), wall_to_tol=med("wall"),
+                          diverged=sum(bool(r["summary"].get("diverged")) for r in rs),
                           samples_to_tol=med("samples"), steps_to_tol=med("grad_steps"),
                           total_wall=float(np.mean([r["summary"]["total"]["wall"] for r in rs])),
                           constraint_error=stat("constraint_error"), reward_gap=stat("reward_gap"), kl_to_optimum=stat("kl_to_optimum")))
@@ -119,14 +122,14 @@ def summarize(runs):
 def format_table(table):
     "The table as aligned text."
     head = f"{'setting':<22}{'method':<18}{'reach':>6}{'wall→tol':>10}{'samples':>9}{'steps':>7}{'wall':>8}" \
-           f"{'|g-b| mean±sd':>17}{'r-r* mean±sd':>17}{'KL(pi||pi*)':>13}"
+           f"{'|g-b| mean±sd':>17}{'r-r* mean±sd':>17}{'KL(pi||pi*)':>13}{'diverged':>10}"
     fmt = lambda x, f: format("-", ">" + f.split(".")[0]) if x is None else format(x, f)
     lines = [head]
     for t in table:
         lines.append(f"{t['setting']:<22}{t['method']:<18}{t['reached']:>3}/{t['seeds']:<2}{fmt(t['wall_to_tol'], '10.1f')}"
                      f"{fmt(t['samples_to_tol'], '9.0f')}{fmt(t['steps_to_tol'], '7.0f')}{t['total_wall']:8.1f}"
                      f"{t['constraint_error'][0]:9.4f}±{t['constraint_error'][1]:<7.4f}{t['reward_gap'][0]:9.4f}±{t['reward_gap'][1]:<7.4f}"
-                     f"{t['kl_to_optimum'][0]:9.4f}")
+                     f"{t['kl_to_optimum'][0]:9.4f}{t.get('diverged', 0):>10}")
     return "\n".join(lines)
 
 
@@ -176,6 +179,16 @@ def benchmark(size_name, out_dir, methods=METHODS, overrides=None, file_name=Non
     size, world, file_name = dict(SIZES[size_name], **(overrides or {})), load_toy_world(), file_name or size_name
     settings = [(m, THRESHOLDS[m][k]) for m in size["ms"] for k in size["settings"]]
     info = {f"m={m} b={list(b)}": setting_info(world, m, b) for m, b in settings}
+    config = dict(size, beta=BETA, train=TRAIN, pd_eta=PD_ETA, ppo_lr=PPO_LR, ppo_lambda_lr=PPO_LAMBDA_LR, **step_sizes)
+    fingerprint = hashlib.sha256(json.dumps(_jsonable({k: v for k, v in config.items() if k not in ("seeds", "ms", "settings")}),
+                                            sort_keys=True).encode()).hexdigest()[:16]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    journal = out_dir / f"{file_name}.runs.jsonl"
+    done = {}  # (setting, seed, method name) -> its runs, from the journal of an earlier, killed benchmark
+    for line in (journal.read_text().splitlines() if journal.exists() else []):
+        try: entry = json.loads(line)
+        except json.JSONDecodeError: continue  # a line cut short by the kill
+        if entry.get("config") == fingerprint: done[entry["setting"], entry["seed"], entry["name"]] = entry["runs"]
     runs, start = [], time.perf_counter()
     with one_thread(torch.device("cpu")):
         for seed in range(size["seeds"]):
@@ -183,19 +196,26 @@ def benchmark(size_name, out_dir, methods=METHODS, overrides=None, file_name=Non
                 key = f"m={m} b={list(b)}"
                 order = methods[seed % len(methods):] + methods[:seed % len(methods)]  # interleaved, rotated per seed
                 for name in order:
+                    if (key, seed, name) in done:
+                        runs += done[key, seed, name]
+                        print(f"[bench] {key} seed {seed} {name}: reused from {journal.name}", flush=True)
+                        continue
+                    new = []
                     for method, records in run_method(name, world, m, b, seed, size, **step_sizes).items():
                         s = info[key]
                         summary = run_summary(records, b, s["optimum"]["reward"], s["safety_tol"], s["reward_tol"])
-                        runs.append(dict(setting=key, method=method, seed=seed, thresholds=list(b), records=records, summary=summary))
+                        summary["diverged"] = bool(records[-1].get("diverged", False))
+                        new.append(_jsonable(dict(setting=key, method=method, seed=seed, thresholds=list(b), records=records, summary=summary)))
                         print(f"[bench] {key} seed {seed} {method}: reached {summary['reached']}, |g-b| = "
-                              f"{summary['constraint_error']:.4f}, r-r* = {summary['reward_gap']:+.4f} "
-                              f"({time.perf_counter() - start:.0f} s)", flush=True)
-    result = _jsonable(dict(size=size_name, config=dict(size, beta=BETA, train=TRAIN, pd_eta=PD_ETA, ppo_lr=PPO_LR,
-                                                        ppo_lambda_lr=PPO_LAMBDA_LR, **step_sizes),
-                            settings=info, runs=runs, table=summarize(runs), ratios=wall_ratios(runs),
+                              f"{summary['constraint_error']:.4f}, r-r* = {summary['reward_gap']:+.4f}"
+                              f"{' (diverged)' if summary['diverged'] else ''} ({time.perf_counter() - start:.0f} s)", flush=True)
+                    runs += new
+                    with open(journal, "a") as f:
+                        f.write(json.dumps(dict(config=fingerprint, setting=key, seed=seed, name=name, runs=new)) + "\n")
+                        f.flush(); os.fsync(f.fileno())
+    result = _jsonable(dict(size=size_name, config=config, settings=info, runs=runs, table=summarize(runs), ratios=wall_ratios(runs),
                             seconds=time.perf_counter() - start))
     result["goals"] = _jsonable(goals(result))
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{file_name}.json").write_text(json.dumps(result, indent=1))
     return result
 

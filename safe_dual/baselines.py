@@ -243,6 +243,7 @@ def ppo_lagrangian(policy, # pi_ref (kept unchanged; a copy is trained)
                    update_iters:int=1, # passes over each rollout
                    clip_range:float=0.2, # PPO's epsilon
                    kl_coeff:float|None=None, # KL coefficient kappa; None: beta
+                   max_grad_norm:float=1.0, # gradient clipping, as Safe-RLHF's DeepSpeed training config (1.0)
                    eval_every:int=25, # steps between records
                    evaluator:Callable|None=None, # evaluator(model) -> metrics, recorded every `eval_every` steps
                    seed:int=0, # sampling and prompt-order seed
@@ -255,7 +256,7 @@ def ppo_lagrangian(policy, # pi_ref (kept unchanged; a copy is trained)
     model, meter = copy.deepcopy(policy).eval(), ComputeMeter(evaluator)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     log_lam, window = np.full(len(b), math.log(lambda_init)), deque(maxlen=cost_window)
-    rng, queue = np.random.default_rng(seed), []
+    rng, queue, diverged = np.random.default_rng(seed), [], None
     meter.record(model, np.exp(log_lam), step=0)
     for step in range(steps):
         while len(queue) < prompts_per_step: queue += rng.permutation(len(prompts)).tolist()
@@ -273,14 +274,22 @@ def ppo_lagrangian(policy, # pi_ref (kept unchanged; a copy is trained)
         for _ in range(update_iters):
             logps = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
             opt.zero_grad()
-            clipped_surrogate_loss(logps, old_logps, adv, clip_range).backward()
+            loss = clipped_surrogate_loss(logps, old_logps, adv, clip_range)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if not (torch.isfinite(loss) and torch.isfinite(norm)): diverged = step; break  # the weights stay as they were
             opt.step()
             meter.grad_steps += 1
         model.eval()
+        if diverged is not None:
+            logger.warning(f"[ppo-lag] non-finite loss or gradient at step {step} (lam = {np.round(lam, 4).tolist()}): "
+                           "stopped there; a smaller `lr` or `lambda_lr` may keep it finite")
+            meter.record(model, lam, step=step, safety_estimate=np.mean(window, 0), diverged=True)
+            break
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             meter.record(model, lam, step=step + 1, safety_estimate=np.mean(window, 0))
-    logger.info(f"[ppo-lag] {steps} steps: lam = {np.round(np.exp(log_lam), 4).tolist()}")
-    return dict(model=model, lam=np.exp(log_lam), records=meter.records)
+    logger.info(f"[ppo-lag] {steps if diverged is None else diverged} steps: lam = {np.round(np.exp(log_lam), 4).tolist()}")
+    return dict(model=model, lam=np.exp(log_lam), records=meter.records, diverged=diverged)
 
 # %% ../nbs/08_baselines.ipynb #611e54ba
 def sacpo(policy, # pi_ref (kept unchanged)
