@@ -56,7 +56,7 @@ def evaluator(world, m, optimum_probs):
     return evaluate
 
 
-def run_method(name, world, m, b, seed, size, pd_eta=PD_ETA, ppo_lr=PPO_LR, ppo_lambda_lr=PPO_LAMBDA_LR):
+def run_method(name, world, m, b, seed, size, pd_eta=PD_ETA, ppo_lr=PPO_LR, ppo_lambda_lr=PPO_LAMBDA_LR, ppo_lambda_max=None):
     "One run of one method; returns {method name: records} (MoCAN's run also yields its refinement)."
     optimum = solve_dual(world.rewards, world.safety[..., :m], b, BETA, weights=world.ref_probs, min_ess=0.0, return_weights=True)
     ev = evaluator(world, m, optimum.weights)
@@ -86,7 +86,8 @@ def run_method(name, world, m, b, seed, size, pd_eta=PD_ETA, ppo_lr=PPO_LR, ppo_
                               train_args=dict(train, num_train_epochs=size["pd_warm_epochs"]) if warm else train, **common)
     elif name == "ppo-lag":
         out = ppo_lagrangian(policy, world.tokenizer, world.prompts, scorers, b, BETA, steps=size["ppo_steps"], lr=ppo_lr,
-                             lambda_lr=ppo_lambda_lr, eval_every=size["ppo_eval_every"], evaluator=ev, **common)
+                             lambda_lr=ppo_lambda_lr, lambda_max=ppo_lambda_max, eval_every=size["ppo_eval_every"], evaluator=ev,
+                             **common)
     elif name == "sacpo":
         out = sacpo(policy, world.tokenizer, world.prompts, scorers, b, BETA, grid=size["sacpo_grid"][m], n_samples=size["n_samples"],
                     n_estimate=size["n_estimate"], train_args=train, evaluator=ev, **common)
@@ -248,6 +249,8 @@ def main(argv=None):
     p.add_argument("--settings", nargs="+", type=int, choices=(0, 1, 2), help="thresholds: 0 barely .. 2 strongly active")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the size's)")
     p.add_argument("--n-estimate", type=int, help="fresh responses per prompt behind every E[g] estimate (default: the size's)")
+    p.add_argument("--ppo-lambda-max", type=float, help="PPO-Lagrangian's cap on lambda (default: none, Safe-RLHF's main.py; "
+                   "its scripts/ppo-lag.sh uses 5)")
     p.add_argument("--name", help="results file name (default: the size)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="where to write the JSON results")
     args = p.parse_args(argv)
@@ -255,7 +258,8 @@ def main(argv=None):
     size = "small" if args.small else "full"
     overrides = {k: v for k, v in dict(ms=args.ms, settings=args.settings, seeds=args.seeds, n_estimate=args.n_estimate).items() if v is not None}
     if args.sweep: return sweep(size, args.out)
-    result = benchmark(size, args.out, tuple(args.methods), overrides, args.name or size)
+    caps = {} if args.ppo_lambda_max is None else dict(ppo_lambda_max=args.ppo_lambda_max)
+    result = benchmark(size, args.out, tuple(args.methods), overrides, args.name or size, **caps)
     print(format_table(result["table"]))
     print("wall time to tolerance, primal-dual method / one-shot MoCAN, per seed:", json.dumps(result["ratios"]))
     print("goals:", json.dumps(result["goals"], indent=1))
