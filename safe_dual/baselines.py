@@ -283,7 +283,7 @@ def ppo_lagrangian(policy, # pi_ref (kept unchanged; a copy is trained)
         model.eval()
         if diverged is not None:
             logger.warning(f"[ppo-lag] non-finite loss or gradient at step {step} (lam = {np.round(lam, 4).tolist()}): "
-                           "stopped there; a smaller `lr` or `lambda_lr` may keep it finite")
+                           "stopped there; a `lambda_max` (Safe-RLHF's script uses 5) or a smaller `lr` or `lambda_lr` may keep it finite")
             meter.record(model, lam, step=step, safety_estimate=np.mean(window, 0), diverged=True)
             break
         if (step + 1) % eval_every == 0 or step + 1 == steps:
