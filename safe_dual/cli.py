@@ -136,8 +136,8 @@ class RunConfig:
     n_eval: int|None = None # responses per prompt when evaluating by sampling
     tolerance: float|list[float]|None = None # slack of `met` per constraint; None: 0, or 5% of each score's spread on the toy world
     train: dict|None = None # `PseudoPreferenceConfig` settings of the training run
-    checks: typing.ClassVar = {"tolerance": [(">=", 0, "the slack allowed when checking a constraint")], "beta": [(">", 0, "the KL coefficient")], "n_samples": [(">=", 2, "pairs need two responses")],
-                               "max_new_tokens": [(">=", 1)], "temperature": [(">", 0)], "top_p": [(">", 0), ("<=", 1)],
+    checks: typing.ClassVar = {"beta": [(">", 0, "the KL coefficient")], "n_samples": [(">=", 2, "pairs need two responses")],
+                               "tolerance": [(">=", 0, "the slack allowed when checking a constraint")], "max_new_tokens": [(">=", 1)], "temperature": [(">", 0)], "top_p": [(">", 0), ("<=", 1)],
                                "batch_size": [(">=", 1)], "seed": [(">=", 0)], "pairs": [(">=", 1)], "n_eval": [(">=", 1)]}
 
 @dataclass(kw_only=True)
