@@ -30,7 +30,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils.notebook import NotebookProgressCallback
 
-from .data import pad, pair_ids, progress_enabled, response_logprobs, sequence_logprobs
+from .data import pad, pair_ids, progress_enabled, quiet_third_party, response_logprobs, sequence_logprobs
+from .dual import _multipliers, _to_numpy
 
 # %% ../nbs/04_train.ipynb #b1d556d8
 def soft_dpo_loss(
@@ -95,10 +96,11 @@ def combined_rewards(
 ) -> np.ndarray:  # (len(dataset),) r_lam = r + lam·g
     "Combined reward `r + lam·g` per row; with `beta_r` and `beta_g`, of the implicit rewards `beta log(pi/pi_ref)`."
     safety = [safety] if isinstance(safety, str) else list(safety)
-    lam = np.atleast_1d(np.asarray(lam, dtype=np.float64))
+    lam = np.atleast_1d(_to_numpy(lam, "lam"))
     if lam.shape != (len(safety),):
         raise ValueError(f"`lam` has shape {lam.shape} but there are {len(safety)} `safety` columns {safety}; "
                          "pass one multiplier per safety column.")
+    lam = _multipliers(lam, len(safety))  # finite and >= 0
     if len(dataset) == 0: raise ValueError("`dataset` is empty: sample and score responses first.")
     r, g = _column(dataset, reward, "reward"), np.stack([_column(dataset, s, "safety") for s in safety], -1)
     if (beta_r is None) != (beta_g is None):
@@ -335,7 +337,7 @@ class PseudoPreferenceConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the preference columns for the collator."})
 
     checks: typing.ClassVar = {
-        "beta": [(">", 0, "the KL coefficient, e.g. 0.1")], "learning_rate": [(">", 0)],
+        "beta": [(">", 0, "the KL coefficient, e.g. 0.1")], "learning_rate": [(">", 0), ("<", math.inf)],
         "num_train_epochs": [(">", 0, "0 epochs would train nothing")], "max_steps": [(">=", -1), ("!=", 0, "-1: train for `num_train_epochs`")],
         "per_device_train_batch_size": [(">=", 1)], "per_device_eval_batch_size": [(">=", 1)],
         "gradient_accumulation_steps": [(">=", 1)], "lora_r": [(">=", 1)], "lora_alpha": [(">", 0)],
@@ -496,8 +498,9 @@ class PseudoPreferenceTrainer(Trainer):
             raise ValueError("`tokenizer` has no pad token; set `tokenizer.pad_token` (e.g. to its EOS token).")
         if args.use_lora and not isinstance(model, PeftModel):
             set_seed(args.seed)  # the adapter's initialization is random
-            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                     target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM"))
+            with quiet_third_party():  # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning)
+                model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                         target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM"))
         if not isinstance(model, PeftModel) and not args.precompute_ref:
             raise ValueError("Full fine-tuning (`use_lora=False`) keeps no reference model, so `precompute_ref=False` "
                              "has no reference to compute from; set `precompute_ref=True` or `use_lora=True`.")

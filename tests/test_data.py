@@ -171,3 +171,29 @@ def test_calls_keep_process_state(lm, tmp_path):
         assert torch.get_num_threads() == threads
         assert torch.equal(torch.random.get_rng_state(), rng)
     finally: torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n=2.5), "`n` must be an integer; got 2.5"),                                             # DA4
+    (dict(n="3"), "`n` must be an integer; got '3'"),                                             # DA5
+    (dict(prompts="a b c"), "Wrap it in a list: ['a b c']"),                                      # DA6
+    (dict(prompts="abc"), "`prompts` must be a list of prompt strings; got the single string 'abc'"),  # DA6b
+    (dict(prompts=["a", None]), "`prompts[1]` must be a string; got None"),                        # DA7
+])
+def test_sampling_refuses_bad_input(kwargs, message):
+    settings = dict(SETTINGS, prompts=PROMPTS) | kwargs
+    with pytest.raises(ValueError, match=re.escape(message)): sample_responses(tiny_lm(), tiny_tokenizer(), **settings)
+
+
+def test_sampling_refuses_a_file_as_output_dir(tmp_path):
+    "DA16"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"`output_dir` .* is a file"):
+        sample_responses(tiny_lm(), tiny_tokenizer(), PROMPTS, output_dir=tmp_path / "file", **SETTINGS)
+
+
+def test_score_refuses_non_numbers():
+    "DA22"
+    ds = Dataset.from_dict({"prompt": ["a", "b"], "response": ["c", "d"]})
+    with pytest.raises(ValueError, match=re.escape("Scorer `reward` returned values that are not numbers (e.g. 'good')")):
+        score(ds, {"reward": lambda ps, rs: ["good"] * len(ps)})

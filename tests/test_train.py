@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 
 from safe_dual.data import show_progress
 from safe_dual.toy import load_toy_world, one_thread, toy_preferences
-from safe_dual.train import PseudoPreferenceConfig, PseudoPreferenceTrainer, dpo_loss, listwise_loss, soft_dpo_loss
+from safe_dual.train import (PseudoPreferenceConfig, PseudoPreferenceTrainer, combined_rewards, dpo_loss, listwise_loss,
+                             pseudo_preference_lists, pseudo_preference_pairs, soft_dpo_loss)
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +138,7 @@ def test_training_output(tmp_path, world, capfd, recwarn, quiet):
     with show_progress(not quiet): trainer.train()
     out, err = capfd.readouterr()
     assert "{'" not in out + err and "pin_memory" not in err, out + err
-    assert not [w for w in recwarn if "pin_memory" in str(w.message)]
+    assert not [w for w in recwarn if "pin_memory" in str(w.message) or "is_gradient_checkpointing" in str(w.message)]
     assert ("train: 100%" in err and "loss=" in err) != quiet, err
     assert torch.get_num_threads() == threads
 
@@ -149,6 +150,7 @@ def test_training_output(tmp_path, world, capfd, recwarn, quiet):
     (dict(num_train_epochs=0), "`num_train_epochs` must be > 0 (0 epochs would train nothing)"), # T9
     (dict(per_device_train_batch_size=0), "`per_device_train_batch_size` must be >= 1; got 0"),  # T10
     (dict(learning_rate=float("nan")), "`learning_rate` must be > 0; got nan"),                  # T11
+    (dict(learning_rate=float("inf")), "`learning_rate` must be < inf; got inf"),
     (dict(max_steps=0), "`max_steps` must be != 0"),
     (dict(gradient_accumulation_steps=0), "`gradient_accumulation_steps` must be >= 1"),
 ])
@@ -160,3 +162,14 @@ def test_config_reads_numbers_in_strings(tmp_path):
     "T7: YAML 1.1 reads 3e-3 as a string; the config takes it as the number."
     args = PseudoPreferenceConfig(output_dir=str(tmp_path), learning_rate="3e-3", num_train_epochs="2", per_device_train_batch_size="8")
     assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (0.003, 2.0, 8)
+
+
+@pytest.mark.parametrize("lam, message", [
+    ([float("nan")], "`lam` must be finite and >= 0"), ([float("inf")], "`lam` must be finite and >= 0"),  # T23
+    ([-0.5], "`lam` must be finite and >= 0"), ([0.5, 1.0], "`lam` has shape (2,)"), (None, "`lam` is None"),
+])
+@pytest.mark.parametrize("build", [combined_rewards, pseudo_preference_pairs, pseudo_preference_lists])
+def test_labels_refuse_bad_lam(lam, message, build):
+    responses = Dataset.from_dict({"prompt_id": [0, 0, 0], "prompt": ["p"] * 3, "response": ["a", "b", "c"],
+                                   "reward": [1.0, 2.0, 3.0], "safety": [0.0, 1.0, 2.0]})
+    with pytest.raises(ValueError, match=re.escape(message)): build(responses, lam)
