@@ -159,11 +159,20 @@ def _score_model(path, seed):
     w.tokenizer.save_pretrained(path)
 
 
-def test_mocan_config_with_models_from_local_paths(tmp_path, capsys):
-    "The user path: policy, reward and cost models through `from_pretrained` on local folders, prompts from a .txt file."
+def _policy(path, noise=0.0):
+    "The toy policy with its tokenizer saved in `path`, its weights perturbed by `noise` (seeded)."
     w = load_toy_world()
-    w.new_model().save_pretrained(tmp_path / "policy")
-    w.tokenizer.save_pretrained(tmp_path / "policy")
+    model = w.new_model()
+    with torch.no_grad():
+        for p in model.parameters(): p.add_(noise * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+    model.save_pretrained(path)
+    w.tokenizer.save_pretrained(path)
+
+
+def _local_config(tmp_path):
+    "A MoCAN config whose policy, reward and cost models and prompts are local files, and its file."
+    w = load_toy_world()
+    _policy(tmp_path / "policy")
     _score_model(tmp_path / "reward", 0)
     _score_model(tmp_path / "cost", 1)
     (tmp_path / "prompts.txt").write_text("\n".join(w.prompts[:6]))
@@ -172,6 +181,12 @@ def test_mocan_config_with_models_from_local_paths(tmp_path, capsys):
                thresholds=None, beta=1.0, n_samples=4, max_new_tokens=w.max_new_tokens, batch_size=8, n_eval=2,
                train=dict(max_steps=2, per_device_train_batch_size=4))
     (tmp_path / "run.json").write_text(json.dumps(cfg))
+    return cfg
+
+
+def test_mocan_config_with_models_from_local_paths(tmp_path, capsys):
+    "The user path: policy, reward and cost models through `from_pretrained` on local folders, prompts from a .txt file."
+    _local_config(tmp_path)
     main(["mocan", "--config", str(tmp_path / "run.json")])
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == f"unconstrained run (no constraint to meet); results saved in {tmp_path / 'run'}"
@@ -180,6 +195,25 @@ def test_mocan_config_with_models_from_local_paths(tmp_path, capsys):
     assert 0 <= result["win_rate"]["reward"] <= 1
     assert np.isfinite(result["trained"]["kl"])
     assert (tmp_path / "run" / "train" / "model" / "adapter_model.safetensors").exists()
+
+
+def test_changed_model_folders_redo_collect(tmp_path, capsys):
+    "S1, S2: the same output_dir with another reward model folder rescores, and with another policy folder resamples."
+    from datasets import load_from_disk
+    cfg = _local_config(tmp_path)
+    def run(**changes):
+        (tmp_path / "run.json").write_text(json.dumps(dict(cfg, **changes)))
+        capsys.readouterr()
+        main(["mocan", "--config", str(tmp_path / "run.json")])
+        return capsys.readouterr().err, np.asarray(load_from_disk(tmp_path / "run" / "collect" / "data")["reward"])
+    _, first = run()
+    _score_model(tmp_path / "reward_b", 2)
+    err, rescored = run(scorers=dict(cfg["scorers"], reward=dict(model=str(tmp_path / "reward_b"))))
+    assert "[collect] settings changed (scorers.reward): resampling" in err, err
+    assert np.abs(rescored - first).max() > 1e-3  # the new model's scores, not the old ones
+    _policy(tmp_path / "policy_b", noise=0.05)
+    err, _ = run(scorers=dict(cfg["scorers"], reward=dict(model=str(tmp_path / "reward_b"))), policy=str(tmp_path / "policy_b"))
+    assert "[collect] settings changed (policy_weights): resampling" in err, err
 
 
 def _process_state():
