@@ -363,12 +363,17 @@ def _newton(P:_Problem, thresholds, lam, tol, max_iter):
     st, evals = _evaluate(P, lam, thresholds), 1
     tol_abs = tol * np.maximum(np.maximum(np.abs(P.g_max).max(1), np.abs(thresholds)), 1e-300)
     floor = P.floor.mean()
+    with np.errstate(divide='ignore', over='ignore'):  # inf for a score constant within every prompt: no cap
+        lam_scale = P.beta * (1 + _spread(P)) / (P.reach - _low(P))  # (m,) where lam_j g_j / beta spans the rewards
     for it in range(max_iter):
         pg = np.abs(_projected_grad(st))
         if (pg <= tol_abs).all(): return st, it, True, evals
         if st.value < floor - 1e-12 * (1 + abs(floor)): _raise_jointly_infeasible(P, thresholds, st.lam)
         H = _regularized(_hessian(P, st))
         d = _newton_target(P, st, thresholds, H) - st.lam
+        cap = 10 * (lam_scale + st.lam)
+        over = np.abs(d) > cap  # H = 0 when saturated: d ~ 1e300, which no line search brackets
+        if over.any(): d *= (cap[over] / np.abs(d[over])).min()
         _release(P, st)  # the trial evaluations reuse its weight buffer, which stays in cache
         new, n = _line_search(P, thresholds, st, d, pg.max())
         if new is None: return _evaluate(P, st.lam, thresholds), it, False, evals + n + 1

@@ -352,6 +352,24 @@ def test_scaling_identity_lam_grows_with_the_rewards(scale):
     np.testing.assert_allclose(res.lam / scale, far.lam / 1e8, rtol=1e-3)
 
 
+@pytest.mark.parametrize('scale', [1e2, 1e3, 1e6])
+def test_few_responses_with_huge_rewards_converge_or_are_infeasible_as_at_scale_one(scale):
+    """20 prompts x 8 responses: pi_lam sits on single responses and the Hessian underflows to exactly 0. The feasible set
+    does not depend on the rewards, so each problem must converge to its KKT point, or be infeasible, as at scale 1."""
+    for seed in range(24):
+        rng = np.random.default_rng(seed)
+        rewards, safety = rng.normal(size=(20, 8)), rng.normal(size=(20, 8, 2))
+        b = safety.mean((0, 1)) + 0.8 * (safety.max(1).mean(0) - safety.mean((0, 1)))
+        try: solve_dual(rewards, safety, b, 0.5, min_ess=0)
+        except InfeasibleConstraintError:
+            with pytest.raises(InfeasibleConstraintError): solve_dual(scale * rewards, safety, b, 0.5, min_ess=0)
+            continue
+        res = solve_dual(scale * rewards, safety, b, 0.5, min_ess=0)
+        grad = _plain_safety(scale * rewards, safety, res.lam, 0.5) - b
+        assert res.converged and (grad >= -1e-9).all(), (seed, res)
+        np.testing.assert_allclose(np.where(res.lam > 0, grad, 0.0), 0.0, atol=1e-9)
+
+
 def test_warm_starts_in_saturated_problems_converge():
     "threshold_path and bootstrap_dual warm-start every solve; in a saturated problem they fall back to tempering."
     rewards, safety, b = _scaled_problem(4)
