@@ -146,7 +146,8 @@ class MoCANConfig(RunConfig):
     thresholds: float|list[float]|None # b_j of E[g_j] >= b_j, one per safety score; null: unconstrained
     scorers: ScorersSpec|None = None # reward and safety models (not with `world: toy`)
     bootstrap: int|None = None # bootstrap resamples for the dual's intervals (0: none)
-    checks: typing.ClassVar = {**RunConfig.checks, "bootstrap": [(">=", 0)]}
+    validation: float|None = None # share of the training prompts held out of training: the checkpoint with the lowest loss on them is kept (0: none)
+    checks: typing.ClassVar = {**RunConfig.checks, "bootstrap": [(">=", 0)], "validation": [(">=", 0), ("<", 1)]}
 
 @dataclass(kw_only=True)
 class PeCANConfig(RunConfig):
@@ -343,7 +344,7 @@ def _score_model(key, spec:ScorerSpec):
     return HFScoreModel(model.to(_device()), tokenizer, negate=spec.negate, batch_size=spec.batch_size, version=spec.version)
 
 _PIPELINE_KEYS = ("n_samples", "max_new_tokens", "temperature", "top_p", "batch_size", "seed", "chat_template", "pairs",
-                  "labels", "n_eval", "bootstrap", "beta_r", "beta_g", "holdout", "tolerance")
+                  "labels", "n_eval", "bootstrap", "beta_r", "beta_g", "holdout", "tolerance", "validation")
 
 def build_pipeline(config:dict, # settings, as `load_config` reads them
                    kind:str,    # "mocan" or "pecan"

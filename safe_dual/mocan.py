@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['logger', 'write_json', 'read_json', 'RunFolderBusyError', 'RunFolder', 'safety_scorers', 'win_rate', 'exact_win_rate',
            'map_shards', 'sampled_metrics', 'MoCAN', 'DualNotConvergedError', 'dual_summary', 'check_converged',
-           'checkpoint_problem', 'resume_checkpoint', 'plot_predicted_vs_realized', 'safety_spread']
+           'checkpoint_problem', 'resume_checkpoint', 'validation_split', 'untrained_loss', 'validation_summary',
+           'plot_predicted_vs_realized', 'safety_spread']
 
 # %% ../nbs/05_mocan.ipynb #4f0f6716
-import copy, hashlib, json, logging, os, shutil, socket, time, zipfile
+import copy, hashlib, json, logging, os, shutil, socket, time, warnings, zipfile
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
@@ -335,6 +336,7 @@ def _tolerance(tolerance, m:int)->np.ndarray:
 class MoCAN:
     "Model-based constrained alignment: collect, dual, label, train and evaluate, each stage saved and resumable."
     refine = 0  # refinement rounds after `train`'s one-shot run; a subclass with its own `__init__` (PeCAN) stays one-shot
+    validation = 0.0  # share of the prompts whose rows `train` holds out to pick its checkpoint (a subclass: none)
     def __init__(self,
                  policy,          # causal LM = pi_ref (transformers); the adapter is trained on it
                  tokenizer,       # its tokenizer, with a pad token
@@ -360,6 +362,7 @@ class MoCAN:
                  verbose:bool=False, # show the progress bars and info logs of datasets and transformers
                  refine:int=0,    # CAID-style rounds after the one-shot run (`baselines.refine`): E[g] from fresh samples, corrected lam, warm-started retraining
                  tolerance=0.0,   # float or (m,) slack of `met`: E[g_j] >= b_j - tolerance_j counts as met (e.g. the evaluation's error)
+                 validation:float=0.0, # share of the training prompts held out of `train`: the checkpoint with the lowest loss on them is kept
                 ):
         self.safety = safety_scorers(scorers)
         self.scorers = {"reward": scorers["reward"], **self.safety}
@@ -375,6 +378,12 @@ class MoCAN:
         if not (isinstance(refine, (int, np.integer)) and not isinstance(refine, bool) and refine >= 0):
             raise ValueError(f"`refine` must be an integer >= 0 (refinement rounds; 0: one-shot); got {refine!r}")
         self.refine = int(refine)
+        if not (isinstance(validation, (int, float, np.number)) and not isinstance(validation, bool) and 0 <= validation < 1):
+            raise ValueError(f"`validation` must be a share of the prompts in [0, 1) (0: no held-out prompts); got {validation!r}")
+        if validation and self.train_args.get("save_strategy") == "no":
+            raise ValueError("`validation` keeps the best checkpoint, so training must save some: set `train_args` "
+                             "`save_strategy` to 'steps' (with `save_steps`) or 'epoch', or `validation=0`")
+        self.validation = float(validation)
 
     def _keep_run_settings(self, policy, tokenizer, prompts, beta, n_samples, output_dir, eval_prompts, pairs, labels, seed,
                            evaluator, n_eval, verbose, **sampling):
@@ -596,12 +605,49 @@ def _label_columns(self:MoCAN)->dict:
     "Columns (and their scales) that `pseudo_preference_pairs` combines into r + lam·g."
     return dict(reward="reward", safety=list(self.safety))
 
+def validation_split(data:Dataset, # pseudo-preference rows (pairs or lists) with a `prompt_id` column
+                     share:float,   # share of the prompts held out, in (0, 1)
+                     seed:int=0,    # which prompts
+                    )->tuple:       # (training rows, held-out rows): no prompt on both sides
+    "Split pseudo-preference rows by prompt, so that a held-out loss measures the fit on prompts training never saw."
+    prompt_ids = np.asarray(data["prompt_id"])
+    ids = np.unique(prompt_ids)
+    n_held = round(share * len(ids))
+    if not 1 <= n_held < len(ids):
+        raise ValueError(f"`validation` = {share} of {len(ids)} prompts holds out {n_held}; pass a share that keeps at "
+                         "least one prompt on each side (or `validation=0`)")
+    held = np.isin(prompt_ids, np.random.default_rng(seed).choice(ids, n_held, replace=False))
+    return data.select(np.flatnonzero(~held)), data.select(np.flatnonzero(held))
+
+def untrained_loss(held:Dataset)->float: # the pseudo-preference loss of pi_ref itself on `held`
+    "Loss of the untrained policy (every log-ratio 0): log 2 per pair whatever its label, log N per list of N responses."
+    return float(np.mean([np.log(len(s)) for s in held["scores"]])) if "scores" in held.column_names else float(np.log(2))
+
+def validation_summary(trainer, # a `PseudoPreferenceTrainer` that evaluated on held-out rows
+                       held:Dataset, # those rows
+                      )->dict: # untrained, best and each evaluation's held-out loss
+    "Held-out losses of a run: pi_ref's, each evaluation's (step, loss), and the best one, whose checkpoint the run keeps."
+    losses = [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
+    best_step, best = min(losses, key=lambda sl: sl[1]) if losses else (None, float("nan"))
+    return dict(untrained=untrained_loss(held), best=best, best_step=best_step, losses=losses, prompts=len(set(held["prompt_id"])))
+
+def _validation_line(v:dict)->str:
+    "One line on the held-out loss of a run."
+    return (f"held-out loss on {v['prompts']} prompts: {v['untrained']:.4g} untrained, best {v['best']:.4g} at step "
+            f"{v['best_step']} of evaluations at steps {[s for s, _ in v['losses']]}")
+
 @patch
-def _fit(self:MoCAN, stage:str, data:Dataset, model, beta:float, settings:dict, **defaults)->PseudoPreferenceTrainer:
+def _fit(self:MoCAN, stage:str, data:Dataset, model, beta:float, settings:dict, validation:float=0.0,
+         **defaults)->PseudoPreferenceTrainer:
     "One `PseudoPreferenceTrainer` run of stage `stage`, resumed from its own complete checkpoints; its model saved atomically."
     folder = self.run_folder.begin(stage, self._keys[stage])
+    held = None
+    if validation:  # evaluate where checkpoints are saved, and keep the one with the lowest held-out loss
+        data, held = validation_split(data, validation, self.seed)
+        defaults = dict(defaults, eval_strategy=settings.get("save_strategy", "steps"), eval_steps=settings.get("save_steps", 500),
+                        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     args = self._config(settings, folder / "checkpoints", beta, **defaults)
-    trainer = PseudoPreferenceTrainer(model, self.tokenizer, data, args)
+    trainer = PseudoPreferenceTrainer(model, self.tokenizer, data, args, eval_dataset=held)
     _wait_for_everyone()  # the processes of a launched job are connected now: all see the checkpoints `begin` kept
     resume = resume_checkpoint(folder / "checkpoints", stage)
     length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
@@ -613,6 +659,13 @@ def _fit(self:MoCAN, stage:str, data:Dataset, model, beta:float, settings:dict, 
     with self.run_folder.writing(stage, "model") as tmp: trainer.save_model(str(tmp))
     loss = next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h), float("nan"))
     logger.info(f"[{stage}] {trainer.state.global_step} steps, mean loss {loss:.4g} ({time.time() - start:.0f} s)")
+    if held is not None:
+        trainer.validation = v = validation_summary(trainer, held)
+        logger.info(f"[{stage}] " + _validation_line(v))
+        if not v["best"] < v["untrained"]:
+            warnings.warn(f"[{stage}] training never lowered the held-out loss below pi_ref's ({_validation_line(v)}): the kept "
+                          "checkpoint fits pi_lam on new prompts no better than pi_ref does; try a smaller learning rate, "
+                          "larger batches or more data", RuntimeWarning, stacklevel=2)
     return trainer
 
 @patch
@@ -620,7 +673,8 @@ def _fit(self:MoCAN, stage:str, data:Dataset, model, beta:float, settings:dict, 
 def train(self:MoCAN):
     "Stage `train`: one pseudo-preference optimization run; returns the trained policy (a peft model by default)."
     data = self.label()
-    settings = dict(self.train_args, base=self.fingerprints, **({"refine": self.refine} if self.refine else {}))
+    settings = dict(self.train_args, base=self.fingerprints, **({"refine": self.refine} if self.refine else {}),
+                    **({"validation": self.validation} if self.validation else {}))
     key, done = self._stage("train", settings, ["label"])
     if self.model is not None and self._model_key == key: return self.model
     folder, base = self.run_folder.stage("train"), self._reference()
@@ -631,9 +685,10 @@ def train(self:MoCAN):
     else:
         # full fine-tuning trains a copy, so that `policy` stays pi_ref for sampling, evaluation and later thresholds
         model = base if self.train_args.get("use_lora", True) else copy.deepcopy(base)
-        trainer = self._fit("train", data, model, self.beta, self.train_args)
+        trainer = self._fit("train", data, model, self.beta, self.train_args, validation=self.validation)
         self.model = trainer.model.eval()
-        result = dict(log=trainer.state.log_history, **({"refine": self._refine_model()} if self.refine else {}))
+        result = dict(log=trainer.state.log_history, **({"validation": trainer.validation} if self.validation else {}),
+                      **({"refine": self._refine_model()} if self.refine else {}))
         self._finish("train", settings, result, ["model"])
     self._model_key = key
     return self.model

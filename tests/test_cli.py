@@ -58,6 +58,8 @@ BAD_CONFIGS = [
     ("C18", dict(TOY, train=dict(lerning_rate=1e-3)), "unknown setting `train.lerning_rate`; did you mean `train.learning_rate`?"),
     ("C20", dict(TOY, train=dict(num_train_epochs=0)), "`train.num_train_epochs` must be > 0 (0 epochs would train nothing)"),
     ("C20b", dict(TOY, train=dict(max_steps=0)), "`train.max_steps` must be != 0"),
+    ("V1", dict(TOY, validation=1.0), "`validation` must be < 1"),
+    ("V2", dict(TOY, validation=0.2, train=dict(save_strategy="no")), "`validation` keeps the best checkpoint"),
     ("T10", dict(TOY, train=dict(per_device_train_batch_size=0)), "`train.per_device_train_batch_size` must be >= 1; got 0"),
     ("C21", dict(thresholds=0.0, beta=0.1, policy="/nonexistent/model", prompts=["a"],
                  scorers=dict(reward=dict(model="org/rm"), safety=dict(model="org/cm", negate=True))),
@@ -119,9 +121,9 @@ def test_yaml_numbers_read_as_strings_are_coerced(tmp_path):
 
 
 def test_every_key_is_used(tmp_path):
-    "`bootstrap` reaches MoCAN (C29); the toy world's exact evaluation and prompts are used."
-    pipe = build_pipeline(dict(TOY, output_dir=str(tmp_path / "run"), bootstrap=0, n_samples=8, seed=3), "mocan")
-    assert (pipe.bootstrap, pipe.sampling["n"], pipe.seed) == (0, 8, 3)
+    "`bootstrap` (C29) and `validation` reach MoCAN; the toy world's exact evaluation and prompts are used."
+    pipe = build_pipeline(dict(TOY, output_dir=str(tmp_path / "run"), bootstrap=0, n_samples=8, seed=3, validation=0.25), "mocan")
+    assert (pipe.bootstrap, pipe.sampling["n"], pipe.seed, pipe.validation) == (0, 8, 3, 0.25)
     np.testing.assert_allclose(pipe.tolerance, [0.0272, 0.0405], atol=1e-4)  # toy world: 5% of each score's spread
     pecan = build_pipeline(dict(world="toy", margins=0.1, beta=1.0, holdout=0.2, tolerance=0.01, n_pairs=64,
                                 output_dir=str(tmp_path / "pecan")), "pecan")
