@@ -199,6 +199,11 @@ def _json_default(value):
     "JSON for what configs hold besides plain values: sets in sorted order, enums and the rest as text."
     return sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)
 
+# where the base model came from, which classes peft records on saving (`auto_mapping`), and whether the adapter was
+# loaded for inference (True after `PeftModel.from_pretrained`, False after `get_peft_model`): none changes what the
+# model computes
+_UNHASHED_PEFT = ("base_model_name_or_path", "revision", "auto_mapping", "inference_mode")
+
 def weights_digest(model:torch.nn.Module, # any torch module: a transformers model, a peft model, ...
                   ) -> str: # 16 hex digits
     "Digest of a model's weights: names, shapes, dtypes, exact bit sums and a strided sample of every tensor."
@@ -206,7 +211,7 @@ def weights_digest(model:torch.nn.Module, # any torch module: a transformers mod
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]: _tensor_digest(h, name, tensor)
     peft_config = getattr(model, "peft_config", None)
     if isinstance(peft_config, dict):
-        configs = {name: {k: v for k, v in c.to_dict().items() if k not in ("base_model_name_or_path", "revision")}
+        configs = {name: {k: v for k, v in c.to_dict().items() if k not in _UNHASHED_PEFT}
                    for name, c in peft_config.items()}
         layers = sorted({(tuple(m.active_adapters), bool(m.disable_adapters), bool(m.merged))
                          for m in model.modules() if isinstance(m, BaseTunerLayer)})
