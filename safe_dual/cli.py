@@ -120,6 +120,7 @@ class RunConfig:
     output_dir: str|None = None # where every stage is saved; None: ./mocan_run or ./pecan_run
     world: typing.Literal["toy"]|None = None # "toy": the built-in toy world (policy, prompts, scores, exact evaluation)
     policy: str|None = None # pi_ref: hub id, local path or "smollm2"
+    policy_temperature: float|None = None # pi_ref is the policy at this token temperature (`safe_dual.data.tempered`); None: 1
     tokenizer: str|None = None # its tokenizer, if not the policy's
     torch_dtype: DTYPES|None = None # dtype of the policy
     prompts: str|list[str]|None = None # training prompts: a list, a .txt file (one per line) or a `datasets` folder / hub name
@@ -137,7 +138,7 @@ class RunConfig:
     tolerance: float|list[float]|None = None # slack of `met` per constraint; None: 0, or 5% of each score's spread on the toy world
     train: dict|None = None # `PseudoPreferenceConfig` settings of the training run
     checks: typing.ClassVar = {"beta": [(">", 0, "the KL coefficient")], "n_samples": [(">=", 2, "pairs need two responses")],
-                               "tolerance": [(">=", 0, "the slack allowed when checking a constraint")], "max_new_tokens": [(">=", 1)], "temperature": [(">", 0)], "top_p": [(">", 0), ("<=", 1)],
+                               "tolerance": [(">=", 0, "the slack allowed when checking a constraint")], "max_new_tokens": [(">=", 1)], "temperature": [(">", 0)], "policy_temperature": [(">", 0)], "top_p": [(">", 0), ("<=", 1)],
                                "batch_size": [(">=", 1)], "seed": [(">=", 0)], "pairs": [(">=", 1)], "n_eval": [(">=", 1)]}
 
 @dataclass(kw_only=True)
@@ -163,7 +164,7 @@ class PeCANConfig(RunConfig):
                                "holdout": [(">=", 0), ("<", 1)]}
 
 CONFIGS = {"mocan": MoCANConfig, "pecan": PeCANConfig}
-_TOY_BRINGS = ("policy", "tokenizer", "torch_dtype", "prompts", "eval_prompts", "scorers", "preferences",
+_TOY_BRINGS = ("policy", "policy_temperature", "tokenizer", "torch_dtype", "prompts", "eval_prompts", "scorers", "preferences",
                "max_new_tokens", "n_eval", "chat_template")
 
 # %% ../nbs/09_cli.ipynb #7150de8a
@@ -317,20 +318,26 @@ def _device():
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
 def _causal_lm(cfg):
-    "(policy, tokenizer) named by `policy` (hub id, local path or 'smollm2'), the policy on this process's device."
+    "(policy, tokenizer) named by `policy` (hub id, local path or 'smollm2'), tempered by `policy_temperature`, on this process's device."
+    from safe_dual.data import tempered
+    model, tokenizer = _load_causal_lm(cfg)
+    if cfg.policy_temperature not in (None, 1): model = tempered(model, cfg.policy_temperature)
+    return model.to(_device()), tokenizer
+
+def _load_causal_lm(cfg):
+    "(policy, tokenizer) as `policy` names them."
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if cfg.policy == "smollm2":
         from safe_dual.data import load_smollm2
-        model, tokenizer = load_smollm2()
-        return model.to(_device()), tokenizer
+        return load_smollm2()
     dtype = getattr(torch, cfg.torch_dtype or "float32") if cfg.torch_dtype != "auto" else "auto"
     model = _from_hub("policy", cfg.policy, lambda: AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=dtype, trust_remote_code=False))
     name = cfg.tokenizer or cfg.policy
     tokenizer = _from_hub("tokenizer" if cfg.tokenizer else "policy", name,
                           lambda: AutoTokenizer.from_pretrained(name, trust_remote_code=False))
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
-    return model.to(_device()), tokenizer
+    return model, tokenizer
 
 def _score_model(key, spec:ScorerSpec):
     "An `HFScoreModel` from a checked `ScorerSpec`."

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'SAMPLE_FEATURES', 'SMOLLM2_WHEEL', 'SMOLLM2_SHA256', 'SMOLLM2_GGUF', 'progress_enabled', 'show_progress',
            'encode_prompts', 'pad', 'response_logprobs', 'pair_ids', 'sequence_logprobs', 'weights_digest',
            'tokenizer_digest', 'load_samples', 'sample_responses', 'CallableScorer', 'HFScoreModel', 'score',
-           'scorer_digest', 'to_dual_inputs', 'quiet_third_party', 'load_smollm2']
+           'scorer_digest', 'to_dual_inputs', 'quiet_third_party', 'load_smollm2', 'tempered']
 
 # %% ../nbs/03_data.ipynb #74830d3d
 _PROGRESS = {"enabled": True}
@@ -668,3 +668,18 @@ def load_smollm2(cache_dir:str|Path|None=None, # default: $SAFE_DUAL_CACHE or ~/
     assert all(type(m).__module__.startswith("torch.nn") for m in model.modules() if "Linear" in type(m).__name__)
     model.hf_quantizer.remove_quantization_config(model)
     return model.eval(), tokenizer
+
+# %% ../nbs/03_data.ipynb #0ce3d6fc
+def tempered(model:transformers.PreTrainedModel, # a causal LM; changed in place
+             temperature:float, # > 0: the token temperature that defines pi_ref
+            ) -> transformers.PreTrainedModel: # the same model, whose logits are the old ones divided by `temperature`
+    "Make `model`'s own distribution (temperature 1) the one it samples at `temperature`: its output layer is divided by it."
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"`temperature`={temperature!r}: pass a finite number > 0 (e.g. 0.7); 1 leaves the model as it is.")
+    out = model.get_output_embeddings()
+    if out is None: raise ValueError(f"{type(model).__name__} has no output layer (`get_output_embeddings()` is None): pass a causal LM.")
+    with torch.no_grad():
+        out.weight = torch.nn.Parameter(out.weight.detach() / temperature, requires_grad=out.weight.requires_grad)  # a new tensor: unties it from the input embeddings
+        if getattr(out, "bias", None) is not None: out.bias.div_(temperature)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values(): config.tie_word_embeddings = False
+    return model

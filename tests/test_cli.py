@@ -252,3 +252,26 @@ def test_module_entry_point(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "pi_ref" in out.stdout and "b=-0.3,-0.5" in out.stdout
+
+
+def test_policy_temperature_makes_pi_ref_the_tempered_policy(tmp_path, capsys):
+    "`policy_temperature: 0.5`: the pipeline's pi_ref has the loaded policy's logits / 0.5, and changing it resamples."
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+    cfg = _local_config(tmp_path)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")(ids).logits
+        pipe = build_pipeline(dict(cfg, policy_temperature=0.5), "mocan")
+        torch.testing.assert_close(pipe.policy(ids).logits, plain / 0.5, rtol=1e-5, atol=1e-5)
+    main(["mocan", "--config", str(tmp_path / "run.json")])
+    first = load_from_disk(tmp_path / "run" / "collect" / "data")["ref_logp"]
+    (tmp_path / "run.json").write_text(json.dumps(dict(cfg, policy_temperature=0.5)))
+    capsys.readouterr()
+    main(["mocan", "--config", str(tmp_path / "run.json")])
+    assert "[collect] settings changed (policy_weights): resampling" in capsys.readouterr().err
+    assert load_from_disk(tmp_path / "run" / "collect" / "data")["ref_logp"] != first
+    for bad in (0, -1):
+        (tmp_path / "bad.json").write_text(json.dumps(dict(cfg, policy_temperature=bad)))
+        with pytest.raises(SystemExit): main(["mocan", "--config", str(tmp_path / "bad.json")])
+        assert "`policy_temperature`" in capsys.readouterr().err

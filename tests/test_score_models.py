@@ -177,3 +177,25 @@ def test_example_config_is_accepted(tmp_path):
     cfg = check_config(config, "mocan")
     assert cfg.policy == "smollm2" and cfg.n_samples >= 8 and cfg.n_eval >= 4
     check_config(dict(config, thresholds=None), "mocan")  # the unconstrained baseline
+
+
+def test_prepare_smollm2_run_refits_heads_whose_labels_changed(tmp_path, monkeypatch, caplog):
+    "A saved head is kept while its labelled data is the same, and refitted (with a warning) when the labels change."
+    monkeypatch.setattr("safe_dual.data.load_smollm2", lambda cache=None: tiny_lm())
+    monkeypatch.setattr(sm, "smollm2_prompts", lambda n_train, n_eval, cache=None: dict(train=["w10"], eval=["w11"], harmful=set()))
+    data = labelled()
+    flipped = data.remove_columns("label").add_column("label", [1.0 - y for y in data["label"]])
+    def prepare(cost):
+        paths = sm.prepare_smollm2_run(tmp_path, labelled=dict(reward=data, cost=cost))
+        return paths, {k: (paths[k] / "model.safetensors").stat().st_mtime_ns for k in ("reward", "cost")}
+    paths, first = prepare(data)
+    assert all((paths[k] / "labelled.json").exists() for k in ("reward", "cost"))
+    before = load_scorer(paths["cost"])(data["prompt"], data["response"])
+    _, again = prepare(data)
+    assert again == first                                    # same labels: both heads kept
+    with caplog.at_level("WARNING", logger="safe_dual.score_models"):
+        _, changed = prepare(flipped)
+    assert changed["reward"] == first["reward"] and changed["cost"] != first["cost"]
+    assert "cost: labelled data or l2 changed, refitting" in caplog.text
+    after = load_scorer(paths["cost"])(data["prompt"], data["response"])
+    assert np.corrcoef(before, after)[0, 1] < -0.9          # the head of the flipped labels, not the stale one
