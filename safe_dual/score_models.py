@@ -428,8 +428,8 @@ def reward_data(cache=None)->Dataset: # prompt, response, label (1: engages with
     return concatenate_datasets([engages.select_columns(refusals.column_names), objective_labels(cache)])
 
 # %% ../nbs/03b_score_models.ipynb #c61347e5
-# ridge penalties of the two heads, from 5-fold CV grouped by prompt over 1e-4..1 (nbs/11_smollm2): AUC reward 0.869,
-# cost 0.782 at 1e-3; 1e-4 is within one sd of it (0.870, 0.787), 1e-2 and up are worse for both
+# ridge penalties of the two heads, from 5-fold CV grouped by prompt over 1e-4..1 (nbs/11_smollm2, 2026-12-02): AUC reward
+# 0.869, cost 0.789 at 1e-3, within one sd (0.02) of 1e-4's 0.870 and 0.806; 1e-2 and up are worse for both
 SMOLLM2_L2 = dict(reward=1e-3, cost=1e-3)
 
 def smollm2_prompts(n_train:int=200, # training prompts, half harmful and half benign
