@@ -450,7 +450,8 @@ def smollm2_prompts(n_train:int=200, # training prompts, half harmful and half b
 
 def _head_key(data:Dataset, l2:float)->str:
     "Digest of what a head is fitted on: every (prompt, response, label) row and the ridge strength."
-    return hashlib.sha256(json.dumps([list(data["prompt"]), list(data["response"]), [float(y) for y in data["label"]], float(l2)]).encode()).hexdigest()[:16]
+    from .mocan import _digest  # the digest of the pipeline's stage keys (mocan imports far more than this module needs)
+    return _digest([list(data["prompt"]), list(data["response"]), [float(y) for y in data["label"]], float(l2)])
 
 def _head_stamp(folder:Path)->str|None:
     "The `_head_key` a saved head was fitted with; None when there is no head (or no stamp) in `folder`."
@@ -474,13 +475,14 @@ def prepare_smollm2_run(folder:str|Path, # where prompts and score models go (e.
                  reward=folder / "reward", cost=folder / "cost")
     for k in ("train", "eval"): paths[f"{k}_prompts"].write_text("\n".join(split[k]) + "\n")
     data = {k: (labelled or {}).get(k) or (reward_data(cache) if k == "reward" else cost_data(cache)) for k in ("reward", "cost")}
-    todo = [k for k in data if _head_stamp(paths[k]) != _head_key(data[k], SMOLLM2_L2[k])]  # missing, or fitted on other labels
+    keys = {k: _head_key(d, SMOLLM2_L2[k]) for k, d in data.items()}
+    todo = [k for k in data if _head_stamp(paths[k]) != keys[k]]  # missing, or fitted on other labels
     if todo:
         with quiet_third_party(): lm, tokenizer = load_smollm2(cache)
         for k in todo:
             if (paths[k] / "model.safetensors").exists(): logger.warning(f"[score model] {k}: labelled data or l2 changed, refitting {paths[k]}")
             train_score_model(lm, tokenizer, data[k], paths[k], l2=SMOLLM2_L2[k], features=(features or {}).get(k))
-            (paths[k] / "labelled.json").write_text(json.dumps(dict(key=_head_key(data[k], SMOLLM2_L2[k]), rows=len(data[k]))))
+            (paths[k] / "labelled.json").write_text(json.dumps(dict(key=keys[k], rows=len(data[k]))))
             logger.info(f"[score model] {k} model saved in {paths[k]}")
     return paths
 
