@@ -249,7 +249,7 @@ def test_commands_restore_process_state(flags, tmp_path, capsys):
 
 def test_module_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "safe_dual.cli", "dual", "--example", "--threshold", "-0.3,-0.5"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "pi_ref" in out.stdout and "b=-0.3,-0.5" in out.stdout
 

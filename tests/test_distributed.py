@@ -9,7 +9,6 @@ Trainer's seeded sampler orders the data the same way for both. What still diffe
 averages two half-batch gradients), so the exact toy metrics of the trained policies agree to 1e-5, not bit for bit."""
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUF
 TOL = 1e-5  # exact toy metrics of the trained policies, one process against two
 
 # Runs MoCAN (and, with `all`, a MoCAN evaluated by sampling and PeCAN) on the toy world with a global training batch of 8, exact evaluation, and
-# prints one RESULT line per process. `block` makes training stop for good after checkpoint-4, once it is saved.
+# writes one report file per process (`reports`). `block` makes training stop for good after checkpoint-4, once it is saved.
 SCRIPT = """
     import json, logging, os, sys, time
     from pathlib import Path
@@ -80,7 +79,11 @@ SCRIPT = """
                    train_args=dict(tiny, max_steps=3, save_strategy="no", lora_r=4),
                    evaluator=lambda model: (lambda e: dict(e, safety=e["safety"][:1]))(exact(model)))
         results["pecan"] = dict(pe.run(), digest=weights_digest(pe.model), seconds=time.time() - start)
-    print("RESULT " + json.dumps(dict(rank=rank, processes=processes, results=results)), flush=True)
+    # each process writes its report to a file of its own: two processes' stdout can share a line (and a long line can be
+    # split by the other's output), so the report is not parsed from the output
+    report = out.parent / f"{out.name}-result-{rank}.json"
+    report.with_suffix(".tmp").write_text(json.dumps(dict(rank=rank, processes=processes, results=results)))
+    report.with_suffix(".tmp").replace(report)
 """
 
 
@@ -108,15 +111,20 @@ def accelerate():
             "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
 
 
-def results_of(proc, timeout=300):
-    "Wait for `proc`; its output and the results of each process, by rank. A job that hangs is killed, workers first."
+def reports(folder:Path)->dict:
+    "The reports that the launched script's processes wrote for the run folder `folder`, by rank."
+    found = [json.loads(p.read_text()) for p in sorted(folder.parent.glob(f"{folder.name}-result-*.json"))]
+    return {r["rank"]: r for r in found}
+
+
+def results_of(proc, folder:Path|None=None, timeout=900):
+    "Wait for `proc`; its output and the reports of each process for the run folder `folder`, by rank. A job that hangs is killed, workers first."
     try: out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]: p.kill()
         pytest.fail(f"the job did not finish in {timeout} s:\n{proc.communicate()[0][-6000:]}")
     assert proc.returncode == 0, out[-6000:]
-    found = [json.loads(m) for m in re.findall(r"^RESULT (.*)$", out, re.MULTILINE)]
-    return out, {r["rank"]: r for r in found}
+    return out, reports(folder) if folder is not None else {}
 
 
 def close(a, b, tol, path=""):
@@ -134,8 +142,8 @@ def close(a, b, tol, path=""):
 def runs(tmp_path_factory):
     "The same MoCAN (exact and sampled evaluation) and PeCAN runs in one process and as a two-process `accelerate launch` job."
     base = tmp_path_factory.mktemp("dist")
-    one = results_of(launch([sys.executable], base, base / "one", "all"))[1][0]
-    two = results_of(launch(accelerate(), base, base / "two", "all"))[1]
+    one = results_of(launch([sys.executable], base, base / "one", "all"), base / "one")[1][0]
+    two = results_of(launch(accelerate(), base, base / "two", "all"), base / "two")[1]
     return dict(one=one, two=two, folder=base / "two")
 
 
@@ -168,19 +176,20 @@ def test_each_process_writes_its_own_shards(runs):
 def test_killed_job_resumes(runs, tmp_path):
     "SIGKILL both processes of a torchrun job after checkpoint-4; the relaunched job resumes from it and ends as the uninterrupted one."
     proc = launch(torchrun(), tmp_path, tmp_path / "run", "block")
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while not all((tmp_path / f"saved-{r}").exists() for r in (0, 1)):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-6000:]
         time.sleep(0.1)
     time.sleep(0.5)  # the pid is written before the blocking loop
     for r in (0, 1): os.kill(int((tmp_path / f"saved-{r}").read_text()), signal.SIGKILL)
-    proc.communicate(timeout=120)
+    proc.communicate(timeout=600)
     assert proc.returncode != 0
     train = tmp_path / "run" / "mocan" / "train"
     assert (train / "checkpoints" / "checkpoint-4").exists() and not (train / "stage.json").exists()
-    out, resumed = results_of(launch(torchrun(), tmp_path, tmp_path / "run"))
-    assert sum(l.endswith("resuming from checkpoint-4") for l in out.splitlines()) == 2, out[-6000:]
-    assert sum(l.startswith("[dual] reused") for l in out.splitlines()) == 2
+    out, resumed = results_of(launch(torchrun(), tmp_path, tmp_path / "run"), tmp_path / "run")
+    # counted in the whole output, not per line: the processes' lines and progress bars can share a line
+    assert out.count("resuming from checkpoint-4") == 2, out[-6000:]
+    assert out.count("[dual] reused") == 2, out[-6000:]
     got = {k: v for k, v in resumed[0]["results"]["mocan"].items() if k != "seconds"}
     expected = {k: v for k, v in runs["two"][0]["results"]["mocan"].items() if k != "seconds"}
     close(got, expected, TOL)

@@ -83,7 +83,9 @@ def test_beta_slider_and_torch_inputs():
 
 def test_plots_wait_for_the_sliders_to_rest_in_a_running_kernel():
     rewards, safety = scores(80, 16, 1)
-    ex = ThresholdExplorer(rewards, safety, beta=0.5, thresholds=0.3, plot_delay=0.2)
+    # a 1 s rest, far above the drag's gaps: under load a stall of the loop longer than `plot_delay` between two slider
+    # changes would (rightly) redraw in between
+    ex = ThresholdExplorer(rewards, safety, beta=0.5, thresholds=0.3, plot_delay=1.0)
     draws = []
     redraw = ex.update_plots
     ex.update_plots = lambda: (draws.append(ex.thresholds[0]), redraw())
@@ -92,8 +94,8 @@ def test_plots_wait_for_the_sliders_to_rest_in_a_running_kernel():
         for b in np.linspace(0.3, 0.8, 11):  # a drag: 11 changes, each a fast update
             ex.sliders[0].value = float(b)
             assert ex.result is not None and ex.plot.value is first
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.6)
+            await asyncio.sleep(0)
+        await asyncio.sleep(1.5)
     asyncio.run(drag())
     np.testing.assert_allclose(draws, [0.8])  # one redraw, at the resting point
     assert ex.plot.value is not first and 'b = 0.8' in ex.plot_caption.value
