@@ -8,7 +8,7 @@ Methods (`safe_dual.baselines`): one-shot MoCAN (the `MoCAN` pipeline) and its C
 continuing the same run), iterative primal-dual with a DPO-style step (warm start and restart), Safe-RLHF's
 PPO-Lagrangian, SACPO. Per seed, every (m, thresholds) setting runs every method, in an order rotated by the seed
 (machines are noisy), on one CPU thread. Writes `<out>/<size>.json` (every run's records and summary) and prints the
-table; `nbs/08_baselines.ipynb` reads the file back for its table and plots.
+table; `nbs/17_baselines.ipynb` reads the file back for its table and plots.
 Every finished run is appended to `<out>/<size>.runs.jsonl` as it ends, so a killed benchmark resumes where it stopped
 (runs of other settings in that file are ignored, not reused).
 """
@@ -18,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from safe_dual.baselines import ComputeMeter, ppo_lagrangian, primal_dual_dpo, refine, run_summary, sacpo
+from safe_dual.refine import ComputeMeter, refine
+from safe_dual.baselines import ppo_lagrangian, primal_dual_dpo, run_summary, sacpo
 from safe_dual.dual import solve_dual
-from safe_dual.mocan import MoCAN, _jsonable, safety_spread
+from safe_dual.mocan import MoCAN
+from safe_dual.runs import jsonable
+from safe_dual.evaluate import safety_spread
 from safe_dual.toy import exact_policy, load_toy_world, one_thread
 
 BETA = 1.0
@@ -181,7 +184,7 @@ def benchmark(size_name, out_dir, methods=METHODS, overrides=None, file_name=Non
     settings = [(m, THRESHOLDS[m][k]) for m in size["ms"] for k in size["settings"]]
     info = {f"m={m} b={list(b)}": setting_info(world, m, b) for m, b in settings}
     config = dict(size, beta=BETA, train=TRAIN, pd_eta=PD_ETA, ppo_lr=PPO_LR, ppo_lambda_lr=PPO_LAMBDA_LR, **step_sizes)
-    fingerprint = hashlib.sha256(json.dumps(_jsonable({k: v for k, v in config.items() if k not in ("seeds", "ms", "settings")}),
+    fingerprint = hashlib.sha256(json.dumps(jsonable({k: v for k, v in config.items() if k not in ("seeds", "ms", "settings")}),
                                             sort_keys=True).encode()).hexdigest()[:16]
     out_dir.mkdir(parents=True, exist_ok=True)
     journal = out_dir / f"{file_name}.runs.jsonl"
@@ -206,7 +209,7 @@ def benchmark(size_name, out_dir, methods=METHODS, overrides=None, file_name=Non
                         s = info[key]
                         summary = run_summary(records, b, s["optimum"]["reward"], s["safety_tol"], s["reward_tol"])
                         summary["diverged"] = bool(records[-1].get("diverged", False))
-                        new.append(_jsonable(dict(setting=key, method=method, seed=seed, thresholds=list(b), records=records, summary=summary)))
+                        new.append(jsonable(dict(setting=key, method=method, seed=seed, thresholds=list(b), records=records, summary=summary)))
                         print(f"[bench] {key} seed {seed} {method}: reached {summary['reached']}, |g-b| = "
                               f"{summary['constraint_error']:.4f}, r-r* = {summary['reward_gap']:+.4f}"
                               f"{' (diverged)' if summary['diverged'] else ''} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -214,9 +217,9 @@ def benchmark(size_name, out_dir, methods=METHODS, overrides=None, file_name=Non
                     with open(journal, "a") as f:
                         f.write(json.dumps(dict(config=fingerprint, setting=key, seed=seed, name=name, runs=new)) + "\n")
                         f.flush(); os.fsync(f.fileno())
-    result = _jsonable(dict(size=size_name, config=config, settings=info, runs=runs, table=summarize(runs), ratios=wall_ratios(runs),
+    result = jsonable(dict(size=size_name, config=config, settings=info, runs=runs, table=summarize(runs), ratios=wall_ratios(runs),
                             seconds=time.perf_counter() - start))
-    result["goals"] = _jsonable(goals(result))
+    result["goals"] = jsonable(goals(result))
     (out_dir / f"{file_name}.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -236,7 +239,7 @@ def sweep(size_name, out_dir):
                     rows.append(dict(method=method, seed=seed, **kw, summary=summary))
                     print(f"[sweep] {method} {kw} seed {seed}: {summary}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps(_jsonable(dict(size=size_name, rows=rows)), indent=1))
+    (out_dir / "sweep.json").write_text(json.dumps(jsonable(dict(size=size_name, rows=rows)), indent=1))
     return rows
 
 

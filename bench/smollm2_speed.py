@@ -1,6 +1,6 @@
 """Sampling tokens/s, scoring items/s and LoRA training seconds per step for SmolLM2-135M-Instruct on this machine's CPU.
 
-What the SmolLM2 run (nbs/11_smollm2.ipynb) is sized by: `sample_responses` with the chat template at the run's batch
+What the SmolLM2 run (nbs/31_smollm2_run.ipynb) is sized by: `sample_responses` with the chat template at the run's batch
 size and response length, a sequence-classification head on the SmolLM2 backbone (as `score_models.train_score_model`
 saves it) through `HFScoreModel`, and `PseudoPreferenceTrainer` LoRA steps on pairs of sampled responses.
 
@@ -19,7 +19,10 @@ def main(batch_size=32, max_new_tokens=96, train_batch=8, steps=3, threads=1):
     torch.set_num_threads(threads)
     from datasets import Dataset
     from transformers import LlamaForSequenceClassification
-    from safe_dual.data import HFScoreModel, load_smollm2, quiet_third_party, sample_responses
+    from safe_dual.scoring import HFScoreModel
+    from safe_dual.assets import load_smollm2
+    from safe_dual.console import quiet_third_party
+    from safe_dual.sampling import sample_responses
     from safe_dual.train import PseudoPreferenceConfig, PseudoPreferenceTrainer
     from safe_dual.score_models import harmful_prompts, benign_prompts
     with quiet_third_party():

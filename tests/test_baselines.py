@@ -6,9 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from safe_dual.baselines import (ComputeMeter, clipped_surrogate_loss, constraint_jacobian, dual_step, lagrangian_advantages,
-                                 leave_one_out_baseline, log_lambda_step, ppo_lagrangian, primal_dual_dpo, refine,
-                                 refined_multipliers, run_summary, sacpo, safety_means, safety_standard_errors)
+from safe_dual.refine import (ComputeMeter, constraint_jacobian, dual_step, refine, refined_multipliers,
+                              safety_means, safety_standard_errors)
+from safe_dual.baselines import (clipped_surrogate_loss, lagrangian_advantages, leave_one_out_baseline,
+                                 log_lambda_step, ppo_lagrangian, primal_dual_dpo, run_summary, sacpo)
 from safe_dual.dual import policy_metrics
 from safe_dual.toy import exact_metrics, load_toy_world, one_thread
 
@@ -177,7 +178,7 @@ def test_refine_with_a_dual_step(world):
     with one_thread(torch.device("cpu")):
         pd = primal_dual_dpo(world.model, world.tokenizer, world.prompts[:4], scorers, (-0.25, -0.4), 1.0, rounds=1,
                              n_samples=4, n_estimate=2, train_args=TINY, **kw)
-        from safe_dual.baselines import sample_scored
+        from safe_dual.refine import sample_scored
         data = sample_scored(world.model, world.tokenizer, world.prompts[:4],
                              dict(reward=world.reward_scorer, safety_1=world.safety_scorers[0], safety_2=world.safety_scorers[1]),
                              4, meter, **kw)

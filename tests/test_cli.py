@@ -18,7 +18,7 @@ def test_example_configs_check(name, tmp_path, monkeypatch):
     "Every example config passes the whole check; the toy ones build their pipeline."
     cfg = dict(load_config(EXAMPLES / name), output_dir=str(tmp_path / "run"))
     kind = "mocan" if name.startswith("mocan") else "pecan"
-    if name == "mocan_smollm2.yaml":  # its prompts and score models are written first by `python -m safe_dual.score_models`
+    if name == "mocan_smollm2.yaml":  # its prompts and score models are written first by `python -m safe_dual.smollm2`
         work = tmp_path / "work"
         for d in ("runs/smollm2/reward", "runs/smollm2/cost"): (work / d).mkdir(parents=True)
         for f in ("train_prompts.txt", "eval_prompts.txt"): (work / "runs/smollm2" / f).write_text("a prompt\n")

@@ -1,4 +1,4 @@
-"""Integration and property tests for `safe_dual.data`: two-process sampling with accelerate, a killed and
+"""Integration and property tests for `safe_dual.sampling`: two-process sampling with accelerate, a killed and
 resumed sampling run, and invariances of `sequence_logprobs` and `to_dual_inputs`."""
 import json
 import os
@@ -17,8 +17,11 @@ from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from safe_dual.data import (CallableScorer, load_samples, quiet_third_party, sample_responses, score, scorer_digest,
-                            sequence_logprobs, to_dual_inputs, tokenizer_digest, weights_digest)
+from safe_dual.scoring import CallableScorer, score, to_dual_inputs
+from safe_dual.sampling import load_samples, sample_responses, sequence_logprobs
+from safe_dual.console import quiet_third_party
+from safe_dual.scoring import scorer_digest
+from safe_dual.runs import tokenizer_digest, weights_digest
 
 WORDS = "[PAD] [EOS] [UNK] a b c d e f g h i j k l m n o p".split()
 PROMPTS = ["a b c", "d", "e f g h i", "j k"]
@@ -41,7 +44,7 @@ def tiny_lm(seed=0):
 
 
 def assert_same_samples(got, expected):
-    "Same rows, token ids, texts and flags exactly; log-probs to 1e-6 (what 03_data promises for a resumed run)."
+    "Same rows, token ids, texts and flags exactly; log-probs to 1e-6 (what 07_sampling promises for a resumed run)."
     assert set(got) == set(expected)
     for col in expected:
         if col == "ref_logp": np.testing.assert_allclose(got[col], expected[col], rtol=0, atol=1e-6)
@@ -63,7 +66,7 @@ SAMPLE_SCRIPT = """
 import json, sys, time
 from accelerate import PartialState
 from test_data import tiny_lm, tiny_tokenizer, PROMPTS, SETTINGS
-from safe_dual.data import sample_responses
+from safe_dual.sampling import sample_responses
 model, delay = tiny_lm(), float(sys.argv[2])
 generate = model.generate
 def slow_generate(*args, **kwargs):

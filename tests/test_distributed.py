@@ -32,7 +32,7 @@ SCRIPT = """
     from pathlib import Path
     from transformers import TrainerCallback
     import safe_dual.mocan as mocan
-    from safe_dual.data import weights_digest
+    from safe_dual.runs import weights_digest
     from safe_dual.pecan import PeCAN
     from safe_dual.toy import load_toy_world, exact_metrics, toy_preferences
     out, what = Path(sys.argv[1]), sys.argv[2:]

@@ -20,7 +20,9 @@ from datasets import load_from_disk
 
 import safe_dual.mocan
 from safe_dual.dual import solve_dual
-from safe_dual.mocan import MoCAN, RunFolderBusyError, DualNotConvergedError, checkpoint_problem
+from safe_dual.mocan import MoCAN
+from safe_dual.runs import RunFolderBusyError, checkpoint_problem
+from safe_dual.pipeline import DualNotConvergedError
 from safe_dual.pecan import PeCAN
 from safe_dual.toy import load_toy_world, exact_metrics, toy_preferences
 

