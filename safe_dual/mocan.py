@@ -323,6 +323,14 @@ def evaluate(self:MoCAN)->dict:
     if done:
         self._reused("evaluate", evaluate_line(self.run_folder.result("evaluate")))
         return self._with_met(self.run_folder.result("evaluate"))  # `tolerance` is not in the key: a new one is applied here
+    out = self._measured(model, dual, key)
+    self._finish("evaluate", settings, None if out is None else self._with_met(out))
+    logger.info(f"[evaluate] {evaluate_line(self.run_folder.result('evaluate'))}")
+    return self.run_folder.result("evaluate")
+
+@patch
+def _measured(self:MoCAN, model, dual:dict, key:str)->dict|None:
+    "Metrics of the trained policy and of pi_ref next to the dual's prediction (None on a process that only reads them)."
     if self.evaluator is None:  # sampling and scoring split between the processes of a launched job
         s = self.sampling
         out = sampled_metrics(model, self.tokenizer, self.eval_prompts, self.scorers, n=self.n_eval,
@@ -331,10 +339,7 @@ def evaluate(self:MoCAN)->dict:
     else: out = on_main(self._evaluated, model)  # an evaluator is called once; the other processes read its result
     if out is not None:
         out.update(lam=dual["lam"], thresholds=self.thresholds, predicted=dual["predicted"], reference=dual["reference"])
-        out = self._with_met(out)
-    self._finish("evaluate", settings, out)
-    logger.info(f"[evaluate] {evaluate_line(self.run_folder.result('evaluate'))}")
-    return self.run_folder.result("evaluate")
+    return out
 
 @patch
 def _with_met(self:MoCAN, out:dict)->dict:

@@ -20,7 +20,7 @@ from .sampling import sample_responses, sequence_logprobs
 from .scoring import to_dual_inputs
 from .mocan import MoCAN
 from .evaluate import win_rate
-from .pipeline import check_converged, dual_line, dual_summary, evaluate_line, pipeline_stage
+from .pipeline import check_converged, dual_line, dual_summary, pipeline_stage
 from .parallel import map_shards
 from .runs import digest
 
@@ -351,15 +351,8 @@ def _scorer_digests(self:PeCAN)->dict:
     return {}
 
 @patch
-@pipeline_stage
-def evaluate(self:PeCAN)->dict:
-    "Stage `evaluate`: pi_ref and the trained policy, their improvement against the margins, and the dual's prediction."
-    dual, model = self.dual(), self.train()
-    settings = self._evaluate_settings()
-    key, done = self._stage("evaluate", settings, ["train"])
-    if done:
-        self._reused("evaluate", evaluate_line(self.run_folder.result("evaluate")))
-        return self._with_met(self.run_folder.result("evaluate"))  # `tolerance` is not in the key: a new one is applied here
+def _measured(self:PeCAN, model, dual:dict, key:str)->dict:
+    "`evaluate`'s metrics: pi_ref and the trained policy, their improvement against the margins, and the dual's prediction."
     if self.evaluator is None: out = self._sampled_implicit(model, self.run_folder.begin("evaluate", key) / "samples")
     else:
         out = dict(trained=self.evaluator(model))
@@ -370,6 +363,4 @@ def evaluate(self:PeCAN)->dict:
     improvement = dict(reward=out["trained"]["reward"] - out["pi_ref"]["reward"],
                        safety=np.asarray(out["trained"]["safety"]) - np.asarray(out["pi_ref"]["safety"]))
     out.update(improvement=improvement, lam=dual["lam"], margins=self.margins, predicted=dual["predicted"])
-    self._finish("evaluate", settings, self._with_met(out))
-    logger.info(f"[evaluate] {evaluate_line(out)}")
-    return self.run_folder.result("evaluate")
+    return out
